@@ -1,0 +1,456 @@
+"""One Transformer for Grok-1, Llama, Mistral, Qwen2/3 and Mixtral, for training and inference alike.
+
+The architectures differ only in switches on `ModelConfig`: how norms wrap each block, the
+feed-forward activation, dense or mixture-of-experts, attention-logit scale and soft cap, q/k norm,
+q/k/v bias, embedding and output multipliers. Training calls `model(tokens)` on whole sequences;
+inference passes a `KVCache` and the position of the first new token, and the same attention code
+writes and reads it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": gelu_tanh}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    max_seq_len: int = 2048
+    # feed-forward: "silu" (Llama, Qwen, Mixtral) or "gelu_tanh" (Grok-1) gates the up projection
+    activation: str = "silu"
+    # mixture of experts: 0 means a dense feed-forward
+    n_experts: int = 0
+    experts_per_token: int = 2
+    renormalize_topk: bool = True  # Mixtral renormalises the top-k router weights; Grok-1 does not
+    # norms: "pre" (one RMSNorm before attention and one before the FFN) or "sandwich" (Grok-1:
+    # also one after each, before the residual add)
+    norm_layout: str = "pre"
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"type": "llama3", "factor", "low_freq_factor", ...}
+    attn_logit_scale: float | None = None  # None: 1/sqrt(head_dim)
+    attn_logit_softcap: float | None = None  # Grok-1: 30 * tanh(logits / 30)
+    sliding_window: int | None = None  # Mistral: each query sees at most this many keys
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    qkv_bias: bool = False  # Qwen2
+    embedding_multiplier: float = 1.0
+    output_multiplier: float = 1.0
+    tied_embeddings: bool = False
+    # token ids the tokenizer treats as special; kept so a checkpoint carries them
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    extra: dict = field(default_factory=dict)  # provenance, never read by the model
+
+    def __post_init__(self) -> None:
+        checks = {
+            "vocab_size": self.vocab_size > 0,
+            "d_model": self.d_model > 0,
+            "n_layers": self.n_layers > 0,
+            "n_heads": self.n_heads > 0,
+            "n_kv_heads": self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0,
+            "head_dim": self.head_dim > 0 and self.head_dim % 2 == 0,
+            "ffn_dim": self.ffn_dim > 0,
+            "activation": self.activation in ACTIVATIONS,
+            "norm_layout": self.norm_layout in ("pre", "sandwich"),
+            "experts_per_token": self.n_experts == 0 or 0 < self.experts_per_token <= self.n_experts,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            name = bad[0]
+            raise ValueError(f"invalid ModelConfig.{name}={getattr(self, name)!r} (config: {self})")
+        if self.rope_scaling is not None and self.rope_scaling.get("type") != "llama3":
+            raise ValueError(f"unsupported rope_scaling {self.rope_scaling!r}; supported: type 'llama3'")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+
+GROK1 = ModelConfig(
+    vocab_size=131072, d_model=6144, n_layers=64, n_heads=48, n_kv_heads=8, head_dim=128,
+    ffn_dim=32768, max_seq_len=8192, activation="gelu_tanh", n_experts=8, experts_per_token=2,
+    renormalize_topk=False, norm_layout="sandwich", rms_norm_eps=1e-5, rope_theta=10000.0,
+    attn_logit_scale=0.08838834764831845, attn_logit_softcap=30.0,
+    embedding_multiplier=78.38367176906169, output_multiplier=0.5773502691896257, tied_embeddings=True,
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    "grok-1": GROK1,
+    # Grok-1's architecture at the size of the xAI reference fixture; byte-sized vocabulary.
+    "grok-1-tiny": replace(
+        GROK1, vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+        ffn_dim=344, max_seq_len=256, attn_logit_scale=0.25, embedding_multiplier=8.0,
+    ),
+    "llama-3.2-1b": ModelConfig(
+        vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+        ffn_dim=8192, max_seq_len=131072, rope_theta=500000.0, tied_embeddings=True,
+        rope_scaling={"type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        bos_token_id=128000, eos_token_id=128001,
+    ),
+    "qwen3-0.6b": ModelConfig(
+        vocab_size=151936, d_model=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128,
+        ffn_dim=3072, max_seq_len=40960, rope_theta=1000000.0, rms_norm_eps=1e-6, qk_norm=True,
+        tied_embeddings=True, eos_token_id=151645,
+    ),
+    "mixtral-8x7b": ModelConfig(
+        vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+        ffn_dim=14336, max_seq_len=32768, rope_theta=1000000.0, n_experts=8, experts_per_token=2,
+        bos_token_id=1, eos_token_id=2,
+    ),
+    "smollm2-135m": ModelConfig(
+        vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+        ffn_dim=1536, max_seq_len=8192, rope_theta=100000.0, tied_embeddings=True,
+        bos_token_id=1, eos_token_id=2,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# ops
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in float32 whatever the activation dtype (as Grok-1 and Llama do), cast back after."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * normed).to(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2] in float32, with Llama 3's long-context rescaling if set."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    # Llama 3.1+: long wavelengths are slowed by `factor`, short ones kept, a smooth blend between.
+    old_ctx = s["original_max_position_embeddings"]
+    low_wavelen = old_ctx / s["low_freq_factor"]
+    high_wavelen = old_ctx / s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
+    smooth = (old_ctx / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    blended = (1 - smooth) * scaled / s["factor"] + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos and sin [T, head_dim] for the half-rotation layout (first half pairs with second half)."""
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, D]. Rotates the pair (x[i], x[i + D/2]), as Grok-1 and Hugging Face Llama do."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache: the seam between training and inference
+
+
+class KVCache:
+    """Contiguous per-layer keys and values [B, n_kv_heads, max_len, head_dim].
+
+    Attention calls `update(layer, k, v, start)` with the new keys and values of positions
+    start..start+T and gets back everything cached up to start+T. The paged engine cache offers
+    the same method over block tables, so the model does not know which one it writes to.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device=None):
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+# ---------------------------------------------------------------------------------------------
+# blocks
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, q_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(q_dim, cfg.d_model, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.scale = cfg.attn_logit_scale if cfg.attn_logit_scale is not None else cfg.head_dim**-0.5
+
+    def forward(self, x, cos, sin, start: int = 0, cache: KVCache | None = None):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, start)
+        out = self.attend(q, k, v)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q, k, v):
+        """q: [B, H, T, D]; k, v: [B, Hkv, S, D]; the T queries are the last T of the S positions."""
+        cfg = self.cfg
+        T, S = q.shape[2], k.shape[2]
+        window = cfg.sliding_window
+        if cfg.attn_logit_softcap is None and window is None:
+            # Fast path: fused attention; a bottom-right causal mask when queries are the last T keys.
+            mask = None if T == S else causal_mask(T, S, None, q.device)
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=self.scale,
+                enable_gqa=cfg.n_heads != cfg.n_kv_heads,
+            )
+        group = cfg.n_heads // cfg.n_kv_heads
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        logits = (q @ k.transpose(-1, -2)).float() * self.scale
+        if cfg.attn_logit_softcap is not None:
+            cap = cfg.attn_logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        logits = logits.masked_fill(~causal_mask(T, S, window, q.device), float("-inf"))
+        return torch.softmax(logits, dim=-1).to(v.dtype) @ v
+
+
+def causal_mask(T: int, S: int, window: int | None, device) -> torch.Tensor:
+    """[T, S] boolean, True where query i (at position S - T + i) may see key j."""
+    qpos = torch.arange(S - T, S, device=device)[:, None]
+    kpos = torch.arange(S, device=device)[None, :]
+    mask = kpos <= qpos
+    if window is not None:
+        mask &= kpos > qpos - window
+    return mask
+
+
+class MLP(nn.Module):
+    """Gated feed-forward: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.w_up = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.w_down = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+        self.act = ACTIVATIONS[cfg.activation]
+
+    def forward(self, x):
+        return self.w_down(self.act(self.w_gate(x)) * self.w_up(x))
+
+
+class MoE(nn.Module):
+    """Softmax router over all experts, top-k, each token sent to its k experts.
+
+    Expert weights are stacked [E, out, in] so the whole layer is three tensors: what a grouped GEMM
+    kernel or an expert-parallel shard wants. `router_logits` of the last call are kept for the
+    training losses (load balance, z-loss).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        E, D, Fd = cfg.n_experts, cfg.d_model, cfg.ffn_dim
+        self.router = nn.Linear(D, E, bias=False)
+        self.w_gate = nn.Parameter(torch.empty(E, Fd, D))
+        self.w_up = nn.Parameter(torch.empty(E, Fd, D))
+        self.w_down = nn.Parameter(torch.empty(E, D, Fd))
+        self.act = ACTIVATIONS[cfg.activation]
+        self.router_logits: torch.Tensor | None = None
+
+    def forward(self, x):
+        cfg = self.cfg
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = self.router(x).float()  # routing in float32, as both references do
+        self.router_logits = logits
+        probs = torch.softmax(logits, dim=-1)
+        weights, experts = probs.topk(cfg.experts_per_token, dim=-1)
+        if cfg.renormalize_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        # Sort the (token, slot) pairs by expert once, then run each expert on its contiguous slice.
+        flat_experts = experts.flatten()
+        order = flat_experts.argsort(stable=True)
+        counts = torch.bincount(flat_experts, minlength=cfg.n_experts).tolist()
+        token_of = order // cfg.experts_per_token
+        weight_of = weights.flatten()[order]
+        begin = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            idx = token_of[begin : begin + n]
+            h = x[idx]
+            h = self.act(h @ self.w_gate[e].T) * (h @ self.w_up[e].T)
+            out.index_add_(0, idx, (h @ self.w_down[e].T) * weight_of[begin : begin + n, None])
+            begin += n
+        return out.view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.sandwich = cfg.norm_layout == "sandwich"
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.ffn = MoE(cfg) if cfg.is_moe else MLP(cfg)
+        if self.sandwich:
+            self.post_attn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+            self.post_ffn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, start: int = 0, cache: KVCache | None = None):
+        h = self.attn(self.attn_norm(x), cos, sin, start, cache)
+        if self.sandwich:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.ffn(self.ffn_norm(x))
+        if self.sandwich:
+            h = self.post_ffn_norm(h)
+        return x + h
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        if not cfg.tied_embeddings:
+            self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def init_weights(self, seed: int | None = None, std: float = 0.02) -> Transformer:
+        """Normal(0, std) matrices, residual outputs scaled by 1/sqrt(2 * n_layers), unit norms."""
+        gen = torch.Generator(device="cpu")
+        if seed is not None:
+            gen.manual_seed(seed)
+        for name, p in self.named_parameters():
+            if p.ndim == 1:
+                data = torch.ones(p.shape) if name.endswith("norm.weight") else torch.zeros(p.shape)
+            else:
+                residual_out = name.endswith(("wo.weight", "w_down", "w_down.weight"))
+                s = std / math.sqrt(2 * self.cfg.n_layers) if residual_out else std
+                data = torch.randn(p.shape, generator=gen) * s
+            with torch.no_grad():
+                p.copy_(data.to(p.dtype))
+        return self
+
+    def forward(self, tokens: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens [B, T] int64 -> logits [B, T, V]. With a cache, tokens sit at positions start.."""
+        cfg = self.cfg
+        check_tokens(tokens, cfg.vocab_size)
+        T = tokens.shape[1]
+        if start + T > cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} positions exceeds max_seq_len={cfg.max_seq_len}")
+        x = self.tok_embeddings(tokens)
+        if cfg.embedding_multiplier != 1.0:
+            x = x * cfg.embedding_multiplier
+        positions = torch.arange(start, start + T, device=tokens.device)
+        cos, sin = rope_cos_sin(rope_frequencies(cfg, tokens.device), positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, start, cache)
+        x = self.norm(x)
+        weight = self.tok_embeddings.weight if cfg.tied_embeddings else self.output.weight
+        logits = F.linear(x, weight)
+        if cfg.output_multiplier != 1.0:
+            logits = logits * cfg.output_multiplier
+        return logits
+
+
+def check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:
+    if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"token ids must be an integer tensor [B, T]; got {tokens.dtype} {tuple(tokens.shape)}")
+    if tokens.numel() == 0:
+        raise ValueError("token ids are empty")
+    bad = (tokens < 0) | (tokens >= vocab_size)
+    if bad.any():
+        raise ValueError(f"token id {int(tokens[bad][0])} is outside the vocabulary of size {vocab_size}")
+
+
+# ---------------------------------------------------------------------------------------------
+# counting
+
+
+@dataclass
+class ModelStats:
+    total_params: int
+    active_params: int  # per token: top-k of the experts, embeddings counted once
+    flops_per_token: int  # forward, matmuls only, at `context` tokens of attention
+    context: int
+
+
+def model_stats(cfg: ModelConfig, context: int | None = None) -> ModelStats:
+    """Parameters and forward FLOPs per token, from the real module built on the meta device."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    total = active = 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        total += n
+        is_expert = ".ffn.w_" in name and cfg.is_moe
+        active += n * cfg.experts_per_token // cfg.n_experts if is_expert else n
+    context = context or cfg.max_seq_len
+    # Every weight except the embedding lookup is one multiply-add per token; the LM head is a matmul
+    # even when tied. Attention scores and values: 2 * 2 * heads * head_dim per key, causal average.
+    matmul_params = active if cfg.tied_embeddings else active - cfg.vocab_size * cfg.d_model
+    attn = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * (context // 2)
+    return ModelStats(total, active, 2 * matmul_params + attn, context)
