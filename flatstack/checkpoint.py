@@ -110,8 +110,11 @@ def save(
     path: str | os.PathLike,
     tokenizer_dir: str | os.PathLike | None = None,
     max_shard_bytes: int = 4 << 30,
+    train_state: dict | None = None,
 ) -> Path:
-    """Write a native checkpoint atomically: a reader sees the old folder or the new one, never half."""
+    """Write a native checkpoint atomically: a reader sees the old folder or the new one, never half.
+
+    A training checkpoint adds `train_state.pt` (optimizer, step, RNG states) beside the model."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -120,6 +123,8 @@ def save(
     write_safetensors(dict(model.state_dict()), tmp, max_shard_bytes)
     if tokenizer_dir is not None:
         copy_tokenizer(Path(tokenizer_dir), tmp)
+    if train_state is not None:
+        torch.save(train_state, tmp / "train_state.pt")
     replace_dir(tmp, path)
     return path
 

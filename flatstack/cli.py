@@ -1,30 +1,21 @@
-"""`flatstack <command>`: the user's entry point. Errors the user can fix print one line, never a traceback."""
+"""`flatstack <command>`: the user's entry point. Errors the user can fix print one line, not a traceback.
+
+Each command imports what it needs when it runs, so `flatstack prepare` never loads torch.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
-import torch
-
-from flatstack.checkpoint import CONVERTERS, FORMAT_KEY, config_from_hf, convert, native_config, read_json
-from flatstack.model import PRESETS, ModelConfig, model_stats
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRESET_HELP = "grok-1, grok-1-tiny, llama-3.2-1b, qwen3-0.6b, mixtral-8x7b, smollm2-135m"
 
 
-def resolve_config(src: str) -> tuple[str, ModelConfig]:
-    """A preset name or a checkpoint folder (native or Hugging Face) -> its config, without loading weights."""
-    if src in PRESETS:
-        return f"preset {src}", PRESETS[src]
-    path = Path(src)
-    if not path.exists():
-        raise FileNotFoundError(f"{src!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
-    raw = read_json(path / "config.json" if path.is_dir() else path)
-    cfg = native_config(raw, path) if FORMAT_KEY in raw else config_from_hf(raw)
-    return f"checkpoint {path}", cfg
+class CommandError(ValueError):
+    """A command that cannot go on; main prints its message as one line."""
 
 
 def human(n: float, suffixes: str = "KMBT") -> str:
@@ -35,7 +26,39 @@ def human(n: float, suffixes: str = "KMBT") -> str:
     return f"{n:.0f}"
 
 
+def parse_size(text: str) -> int:
+    """'8M' -> 8388608; plain integers as they are."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    try:
+        if text[-1:].upper() in units:
+            return int(float(text[:-1]) * units[text[-1].upper()])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1000000, 8M, 2G)") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# info, convert
+
+
+def resolve_config(src: str):
+    """A preset name or a checkpoint folder (native or Hugging Face) -> its config, without loading weights."""
+    from flatstack.checkpoint import FORMAT_KEY, config_from_hf, native_config, read_json
+    from flatstack.model import PRESETS
+
+    if src in PRESETS:
+        return f"preset {src}", PRESETS[src]
+    path = Path(src)
+    if not path.exists():
+        raise FileNotFoundError(f"{src!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
+    raw = read_json(path / "config.json" if path.is_dir() else path)
+    cfg = native_config(raw, path) if FORMAT_KEY in raw else config_from_hf(raw)
+    return f"checkpoint {path}", cfg
+
+
 def cmd_info(args) -> None:
+    from flatstack.model import model_stats
+
     what, cfg = resolve_config(args.src)
     stats = model_stats(cfg, args.context)
     report = {
@@ -55,42 +78,237 @@ def cmd_info(args) -> None:
     kind = f"MoE {cfg.n_experts} experts top-{cfg.experts_per_token}" if cfg.is_moe else "dense"
     print(f"{what}: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} query / {cfg.n_kv_heads} KV "
           f"heads of {cfg.head_dim}, FFN {cfg.ffn_dim}, {kind}, vocab {cfg.vocab_size}")
-    print(f"  parameters       {human(stats.total_params)} total, {human(stats.active_params)} active per token")
+    print(f"  parameters       {human(stats.total_params)} total, {human(stats.active_params)} active/token")
     print(f"  FLOPs per token  {human(stats.flops_per_token)} forward, {human(3 * stats.flops_per_token)} "
           f"training (at context {stats.context})")
-    print("  weight bytes     " + ", ".join(f"{k} {human(v, 'KMGT')}B" for k, v in report["weight_bytes"].items()))
+    sizes = ", ".join(f"{k} {human(v, 'KMGT')}B" for k, v in report["weight_bytes"].items())
+    print(f"  weight bytes     {sizes}")
 
 
 def cmd_convert(args) -> None:
-    out = convert(args.src, args.dst, args.source, args.config, DTYPES[args.dtype] if args.dtype else None)
-    print(f"wrote {out}")
+    import torch
+
+    from flatstack.checkpoint import convert
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    print(f"wrote {convert(args.src, args.dst, args.source, args.config, dtype)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare, train, generate
+
+
+def cmd_prepare(args) -> None:
+    from flatstack.data import PrepareConfig, prepare
+
+    cfg = PrepareConfig(inputs=args.inputs, out=args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                        val_fraction=args.val_fraction, include=args.include, exclude=args.exclude,
+                        max_bytes=args.max_bytes, shard_tokens=args.shard_tokens, progress=not args.quiet)
+    meta = prepare(cfg)
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    print(f"wrote {args.out}: vocabulary {meta['vocab_size']} ({meta['tokenizer']}), {train['tokens']} train "
+          f"and {val['tokens']} validation tokens ({meta['dtype']}), {len(meta['sources'])} source files")
+
+
+def convert_value(type_name: str, raw: str | None, option: str):
+    """A command-line string to the type a config field declares (its annotation, as a string)."""
+    optional = "None" in type_name
+    base = type_name.replace(" | None", "").strip()
+    if raw is None:
+        if base != "bool":
+            raise CommandError(f"--{option} needs a value")
+        return True
+    if optional and raw.lower() == "none":
+        return None
+    try:
+        if base == "bool":
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return raw.lower() in ("true", "1", "yes")
+        if base == "int":
+            return int(raw)
+        if base == "float":
+            return float(raw)
+        if base == "str":
+            return raw
+        return json.loads(raw)
+    except ValueError:
+        raise CommandError(f"--{option}: expected {base}, got {raw!r}") from None
+
+
+def parse_overrides(tokens: list[str]) -> tuple[dict, dict]:
+    """`--key value` pairs -> (TrainConfig fields, ModelConfig fields); dashes or underscores both work."""
+    from flatstack.model import ModelConfig
+    from flatstack.train import TrainConfig
+
+    train_types = {f.name: f.type for f in fields(TrainConfig)}
+    model_types = {f.name: f.type for f in fields(ModelConfig)}
+    train_over, model_over = {}, {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--"):
+            raise CommandError(f"unexpected argument {token!r}; options are --key value")
+        option, _, inline = token[2:].partition("=")
+        key = option.replace("-", "_")
+        if inline:
+            raw, i = inline, i + 1
+        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            raw, i = tokens[i + 1], i + 2
+        else:
+            raw, i = None, i + 1
+        if key in train_types and key != "model_overrides":
+            train_over[key] = convert_value(train_types[key], raw, option)
+        elif key in model_types and key != "extra":
+            model_over[key] = convert_value(model_types[key], raw, option)
+        else:
+            raise CommandError(f"unknown option --{option}; see `flatstack train --help` and the ModelConfig fields")
+    return train_over, model_over
+
+
+def read_toml(path: str) -> tuple[dict, dict]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise CommandError(f"--config {path}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise CommandError(f"--config {path}: {e}") from None
+    model = raw.pop("model", {})
+    return {k.replace("-", "_"): v for k, v in raw.items()}, {k.replace("-", "_"): v for k, v in model.items()}
+
+
+def cmd_train(args, extra: list[str]) -> None:
+    from flatstack.train import TrainConfig, TrainingError, train
+
+    base: dict = {}
+    if args.resume:
+        saved = Path(args.out or "") / "config.json"
+        if not args.out or not saved.exists():
+            raise CommandError(f"--resume needs --out RUN_DIR of an earlier run (no {saved})")
+        base = json.loads(saved.read_text())
+    toml_train, toml_model = read_toml(args.config) if args.config else ({}, {})
+    cli_train, cli_model = parse_overrides(extra)
+    named = {k: v for k, v in (("data", args.data), ("model", args.model), ("out", args.out),
+                               ("init_from", args.init_from)) if v is not None}
+    merged = {**base, **toml_train, **cli_train, **named}
+    merged["model_overrides"] = {**base.get("model_overrides", {}), **toml_model, **cli_model}
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise CommandError(f"unknown training settings {unknown}")
+    if not merged.get("data"):
+        raise CommandError("--data DATA_DIR is required (make one with flatstack prepare)")
+    try:
+        result = train(TrainConfig(**merged), resume=args.resume)
+    except TrainingError as e:
+        raise CommandError(str(e)) from None
+    if result.get("val_loss") is not None:
+        print(f"validation loss {result['val_loss']:.4f}, bits per byte {result['val_bpb']:.4f}")
+    print(f"checkpoint: {result['checkpoint']}")
+    print(f"loss curve: {result['loss_curve']}")
+    if result["stopped"]:
+        raise SystemExit(130)
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from flatstack.checkpoint import load
+    from flatstack.generate import generate
+    from flatstack.tokenizer import EOS, chat_segments, load_tokenizer
+
+    model = load(args.checkpoint)
+    tok = load_tokenizer(args.checkpoint)
+    if args.chat:
+        prompt_text = "".join(t for t, _ in chat_segments([{"role": "user", "content": args.prompt}], True))
+    else:
+        prompt_text = args.prompt
+    eos = tok.token_to_id(EOS)
+    ids = tok.encode(prompt_text, add_special_tokens=False).ids
+    if not args.chat and eos is not None:
+        ids = [eos] + ids  # documents start after an end-of-text token in training
+    stops = {i for i in (eos, tok.token_to_id("<|im_end|>")) if i is not None}
+    gen = torch.Generator().manual_seed(args.seed)
+    out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, stops, gen)
+    print(("" if args.chat else args.prompt) + tok.decode(out))
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flatstack", description=__doc__)
+    p = argparse.ArgumentParser(prog="flatstack", description="A complete LLM stack in a few flat modules.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("info", help="parameters, FLOPs per token and bytes of a preset or checkpoint")
-    s.add_argument("src", help=f"a preset ({', '.join(PRESETS)}) or a checkpoint folder")
-    s.add_argument("--context", type=int, default=None, help="context length for attention FLOPs "
-                   "(default: the model's max_seq_len)")
+    s.add_argument("src", help=f"a preset ({PRESET_HELP}) or a checkpoint folder")
+    s.add_argument("--context", type=int, default=None, help="context for attention FLOPs (default: max_seq_len)")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("convert", help="import a foreign checkpoint into the native format")
     s.add_argument("src", help="a Hugging Face folder, or a Grok-1 .npz/.safetensors of xAI-named arrays")
     s.add_argument("dst", help="the native checkpoint folder to write")
-    s.add_argument("--from", dest="source", required=True, choices=CONVERTERS)
+    s.add_argument("--from", dest="source", required=True, choices=("hf", "xai-grok1"))
     s.add_argument("--config", help="config JSON (xai-grok1 only; default: the grok-1 preset)")
-    s.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep)")
+    s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast the weights (default: keep)")
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("prepare", help="text, folders or JSON Lines -> tokenizer and token shards")
+    s.add_argument("inputs", nargs="+", help="text files, folders (recursive), .jsonl with 'text' or 'messages'")
+    s.add_argument("--out", required=True, help="DATA_DIR to write")
+    s.add_argument("--tokenizer", default="bpe", help="bpe (trained), byte, char, or a tokenizer.json / "
+                   "checkpoint folder to reuse (default: bpe)")
+    s.add_argument("--vocab-size", type=int, default=4096, help="for --tokenizer bpe (default 4096)")
+    s.add_argument("--val-fraction", type=float, default=0.1, help="the tail of each file (and a hash-chosen "
+                   "share of JSONL records) kept for validation (default 0.1)")
+    s.add_argument("--include", action="append", default=[], help="glob on file names inside folders, e.g. '*.py'")
+    s.add_argument("--exclude", action="append", default=[], help="glob on paths to skip, e.g. '*/test/*'")
+    s.add_argument("--max-bytes", type=parse_size, default=None, help="read at most this much input (e.g. 8M)")
+    s.add_argument("--shard-tokens", type=parse_size, default=1 << 26, help="tokens per shard file")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("train", help="train from scratch, continue, or fine-tune",
+                       epilog="Any TrainConfig field (--max-steps, --eval-every, --ckpt-every, --seed, --lr, "
+                       "--optimizer adamw|muon, --schedule cosine|wsd|constant, --batch-size, --seq-len, "
+                       "--batch-tokens, --compile, ...) or ModelConfig field for presets (--d-model, --n-layers, "
+                       "...) can be given as --key value.")
+    s.add_argument("--data", help="DATA_DIR from flatstack prepare")
+    s.add_argument("--model", help=f"a preset ({PRESET_HELP}) or a checkpoint (default grok-1-tiny)")
+    s.add_argument("--out", help="RUN_DIR (default runs/run)")
+    s.add_argument("--init-from", help="a checkpoint to fine-tune or continue (native or Hugging Face)")
+    s.add_argument("--config", help="a TOML file of settings ([model] table for model fields)")
+    s.add_argument("--resume", action="store_true", help="continue RUN_DIR from its last checkpoint")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("generate", help="sample from a checkpoint")
+    s.add_argument("checkpoint")
+    s.add_argument("--prompt", default="")
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=50)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    s.set_defaults(func=cmd_generate)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        args.func(args)
+        if args.command == "train":
+            args.func(args, extra)
+        else:
+            args.func(args)
     except (ValueError, OSError) as e:
         print(f"flatstack {args.command}: error: {e}", file=sys.stderr)
         return 1

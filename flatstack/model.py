@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -377,6 +378,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         if not cfg.tied_embeddings:
             self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # Training memory for compute: recompute each block's activations in the backward pass.
+        self.activation_checkpointing = False
 
     def init_weights(self, seed: int | None = None, std: float = 0.02) -> Transformer:
         """Normal(0, std) matrices, residual outputs scaled by 1/sqrt(2 * n_layers), unit norms."""
@@ -406,8 +409,12 @@ class Transformer(nn.Module):
             x = x * cfg.embedding_multiplier
         positions = torch.arange(start, start + T, device=tokens.device)
         cos, sin = rope_cos_sin(rope_frequencies(cfg, tokens.device), positions, x.dtype)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, cos, sin, start, cache)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, start, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, start, cache)
         x = self.norm(x)
         weight = self.tok_embeddings.weight if cfg.tied_embeddings else self.output.weight
         logits = F.linear(x, weight)

@@ -1,0 +1,56 @@
+"""Sampling with a KV cache: one prompt at a time, temperature and top-k. Enough to read what a trained
+run has learned; the inference engine replaces it for batched serving."""
+
+from __future__ import annotations
+
+import torch
+
+from flatstack.model import KVCache, Transformer
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    stop_ids: set[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """New token ids after `prompt` (at least one id), stopping early at a stop id (not returned)."""
+    if not prompt:
+        raise ValueError("the prompt must hold at least one token")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0; got {temperature}")
+    cfg = model.cfg
+    room = cfg.max_seq_len - len(prompt)
+    if room <= 0:
+        raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {cfg.max_seq_len}")
+    max_new_tokens = min(max_new_tokens, room)
+    device = model.tok_embeddings.weight.device
+    dtype = model.tok_embeddings.weight.dtype
+    cache = KVCache(cfg, 1, len(prompt) + max_new_tokens, dtype, device)
+    tokens = torch.tensor([prompt], device=device)
+    logits = model(tokens, 0, cache)[0, -1]
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        next_id = sample(logits.float(), temperature, top_k, generator)
+        if stop_ids and next_id in stop_ids:
+            break
+        out.append(next_id)
+        if len(out) == max_new_tokens:
+            break
+        logits = model(torch.tensor([[next_id]], device=device), len(prompt) + len(out) - 1, cache)[0, -1]
+    return out
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> int:
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = logits.topk(top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))

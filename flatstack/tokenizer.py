@@ -1,0 +1,109 @@
+"""Tokenizers, all as Hugging Face `tokenizers` objects saved to one `tokenizer.json`: a trained
+byte-level BPE, a byte tokenizer (the 256 byte symbols, no merges), a character tokenizer, or an
+existing file. Plus the ChatML chat template that fine-tuning data and generation share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+EOS = "<|endoftext|>"  # separates documents; ends generation
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+SPECIALS = [EOS, IM_START, IM_END]
+CHAT_ROLES = ("system", "user", "assistant")
+# The same template in Jinja, for tools that read tokenizer_config.json (Hugging Face, the engine).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TOKENIZER_KINDS = ("bpe", "byte", "char")
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+def byte_level_alphabet() -> list[str]:
+    return sorted(pre_tokenizers.ByteLevel.alphabet())
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE: every byte has a symbol, so any text round-trips; merges learned from `texts`."""
+    floor = 256 + len(SPECIALS)
+    if vocab_size < floor:
+        raise TokenizerError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {floor} "
+                             f"(256 bytes + {len(SPECIALS)} special tokens)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=byte_level_alphabet(),
+                                  special_tokens=SPECIALS, show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def byte_tokenizer() -> Tokenizer:
+    """One token per UTF-8 byte (ids 0-255 in byte order's symbol order), then the specials."""
+    vocab = {symbol: i for i, symbol in enumerate(byte_level_alphabet())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    return tok
+
+
+def char_tokenizer(chars: Iterable[str]) -> Tokenizer:
+    """One token per character seen in the corpus (sorted), then the specials; unseen characters fail."""
+    vocab = {c: i for i, c in enumerate(sorted(set(chars)))}
+    if not vocab:
+        raise TokenizerError("no characters to build a character tokenizer from (empty corpus)")
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIALS)
+    return tok
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer.json, or a folder (a checkpoint or data folder) that holds one."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.exists():
+        raise FileNotFoundError(f"no tokenizer at {p}")
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as e:  # the Rust side raises a bare Exception
+        raise TokenizerError(f"cannot read tokenizer {p}: {e}") from e
+
+
+def chat_segments(messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
+    """ChatML as (text, trained) pieces: only the assistant's content and its end marker are trained on."""
+    segments = []
+    for m in messages:
+        role, content = m["role"], m["content"]
+        segments.append((f"{IM_START}{role}\n", False))
+        if role == "assistant":
+            segments.append((f"{content}{IM_END}", True))
+            segments.append(("\n", False))
+        else:
+            segments.append((f"{content}{IM_END}\n", False))
+    if add_generation_prompt:
+        segments.append((f"{IM_START}assistant\n", False))
+    return segments
+
+
+def check_messages(messages, where: str) -> list[dict]:
+    """Validate a chat record; the error names where it came from."""
+    if not isinstance(messages, list) or not messages:
+        raise TokenizerError(f"{where}: 'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise TokenizerError(f"{where}: message {i} needs a string 'content' and a 'role'")
+        if m.get("role") not in CHAT_ROLES:
+            raise TokenizerError(f"{where}: message {i} has unknown role {m.get('role')!r}; "
+                                 f"roles: {', '.join(CHAT_ROLES)}")
+    return messages

@@ -1,0 +1,521 @@
+"""The training loop: from prepared token shards to checkpoints, for pretraining and fine-tuning.
+
+A step draws its micro-batches from an RNG seeded by (seed, step, micro-step), so the data position is
+the step number itself; a checkpoint holds the weights, optimizer, step and every RNG state, and
+`--resume` continues bit for bit. Checkpoints are folders written beside their final name and renamed
+into place, so a kill at any moment leaves the previous one whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from flatstack.ceilings import matmul_flops
+from flatstack.checkpoint import load, save
+from flatstack.data import DataError, TokenData
+from flatstack.generate import generate
+from flatstack.model import PRESETS, MoE, Transformer, model_stats, preset
+from flatstack.tokenizer import EOS, load_tokenizer
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""
+    model: str = "grok-1-tiny"  # a preset, or a checkpoint to start from
+    out: str = "runs/run"
+    init_from: str | None = None  # a checkpoint (native or Hugging Face) to continue from
+    model_overrides: dict = field(default_factory=dict)  # ModelConfig fields, for presets
+    seed: int = 1337
+    max_steps: int = 1000
+    seq_len: int = 256
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    batch_tokens: int | None = None  # if set: tokens per optimizer step; sets grad_accum
+    optimizer: str = "adamw"  # adamw | muon (Muon on hidden matrices, AdamW on the rest)
+    lr: float = 1e-3
+    muon_lr: float = 0.02
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables
+    moe_aux_coef: float = 0.01  # load-balancing loss
+    moe_z_coef: float = 0.001  # router z-loss
+    eval_every: int = 250  # 0: only at the end
+    eval_tokens: int | None = None  # None: the whole validation split
+    eval_batch: int = 32
+    samples: int = 1  # samples printed at each evaluation
+    sample_tokens: int = 200
+    sample_prompt: str = ""
+    ckpt_every: int = 500  # 0: only at the end
+    keep_checkpoints: int = 2
+    compile: bool = False
+    activation_checkpointing: bool = False
+    device: str = "auto"  # auto: cuda if available, else cpu
+    threads: int | None = None
+    progress: bool = True
+
+
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def validate(cfg: TrainConfig) -> None:
+    checks = [
+        (cfg.max_steps > 0, "--max-steps must be > 0"),
+        (cfg.seq_len > 0, "--seq-len must be > 0"),
+        (cfg.batch_size > 0, "--batch-size must be > 0"),
+        (cfg.grad_accum > 0, "--grad-accum must be > 0"),
+        (cfg.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
+        (cfg.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
+        (cfg.lr > 0, "--lr must be > 0"),
+        (cfg.eval_every >= 0 and cfg.ckpt_every >= 0, "--eval-every and --ckpt-every must be >= 0"),
+        (cfg.keep_checkpoints > 0, "--keep-checkpoints must be > 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DataError(message)
+    if cfg.batch_tokens is not None:
+        micro = cfg.batch_size * cfg.seq_len
+        if cfg.batch_tokens % micro:
+            raise DataError(f"--batch-tokens {cfg.batch_tokens} is not a multiple of --batch-size x --seq-len "
+                            f"= {micro}")
+        cfg.grad_accum = cfg.batch_tokens // micro
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizers and schedule
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The nearest semi-orthogonal matrix to g (batched over leading dims), by a quintic iteration
+    tuned to converge fast on the small singular values (Jordan et al., Muon)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.float()
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        m = x @ x.mT
+        x = a * x + (b * m + c * m @ m) @ x
+    return (x.mT if tall else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum, then orthogonalise the update of each matrix (stacked experts: each expert)."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.95, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - mu)
+                update = newton_schulz(p.grad.lerp(buf, mu))  # Nesterov
+                scale = max(1.0, p.shape[-2] / p.shape[-1]) ** 0.5
+                p.mul_(1 - lr * wd).add_(update, alpha=-lr * scale)
+
+
+def build_optimizers(model: Transformer, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """Weight decay on matrices only; with Muon, the hidden matrices go to Muon, the rest to AdamW."""
+    muon, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        hidden_matrix = p.ndim >= 2 and not name.startswith(("tok_embeddings", "output")) and "router" not in name
+        if cfg.optimizer == "muon" and hidden_matrix:
+            muon.append(p)
+        elif p.ndim >= 2:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # fused AdamW runs on CPUs and GPUs in recent torch; foreach is the fallback
+    kind = {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+    opts: list[torch.optim.Optimizer] = [
+        torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **kind)]
+    if muon:
+        opts.append(Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay))
+    for opt in opts:
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+    return opts
+
+
+def lr_multiplier(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup, then cosine or warmup-stable-decay down to min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    lo = cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - 1 - cfg.warmup_steps)
+        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    decay_start = cfg.max_steps - int(cfg.decay_fraction * cfg.max_steps)
+    if step < decay_start:
+        return 1.0
+    return 1 - (1 - lo) * (step - decay_start + 1) / max(1, cfg.max_steps - decay_start)
+
+
+# ---------------------------------------------------------------------------------------------
+# losses
+
+
+def token_loss_sum(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Summed cross-entropy over the counted targets (all, or those the mask keeps)."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+    return ce.sum() if mask is None else (ce * mask.flatten()).sum()
+
+
+def moe_losses(model: Transformer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load-balancing loss (E * sum_e f_e P_e, Switch Transformer) and router z-loss, averaged over layers,
+    from the router logits each MoE layer kept in its last forward."""
+    balance, z = [], []
+    for m in model.modules():
+        if isinstance(m, MoE) and m.router_logits is not None:
+            logits = m.router_logits
+            probs = logits.softmax(-1)
+            chosen = probs.topk(m.cfg.experts_per_token, dim=-1).indices
+            counts = torch.zeros_like(probs).scatter_(1, chosen, 1.0).mean(0) / m.cfg.experts_per_token
+            balance.append(m.cfg.n_experts * (counts * probs.mean(0)).sum())
+            z.append(torch.logsumexp(logits, dim=-1).pow(2).mean())
+    if not balance:
+        zero = torch.zeros(())
+        return zero, zero
+    return torch.stack(balance).mean(), torch.stack(z).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+class Run:
+    """Everything one training run holds; `train()` drives it."""
+
+    def __init__(self, cfg: TrainConfig):
+        validate(cfg)
+        self.cfg = cfg
+        self.device = torch.device(cfg.device if cfg.device != "auto" else
+                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.train_data = TokenData(cfg.data, "train")
+        self.val_data = TokenData(cfg.data, "val")
+        self.tokenizer = load_tokenizer(cfg.data)
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.model = self.build_model()
+        mcfg = self.model.cfg
+        if cfg.seq_len > mcfg.max_seq_len:
+            raise DataError(f"--seq-len {cfg.seq_len} does not fit the model's context (max_seq_len "
+                            f"{mcfg.max_seq_len}); lower --seq-len or raise --max-seq-len")
+        vocab = self.train_data.meta["vocab_size"]
+        if vocab > mcfg.vocab_size:
+            raise DataError(f"the data's tokenizer has {vocab} tokens but the model's vocabulary is "
+                            f"{mcfg.vocab_size}; prepare the data with the model's tokenizer")
+        for split in (self.train_data, self.val_data):
+            if len(split) < cfg.seq_len + 1:
+                raise DataError(f"--seq-len {cfg.seq_len} does not fit the data: a split holds only "
+                                f"{len(split)} tokens")
+        self.model.activation_checkpointing = cfg.activation_checkpointing
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.optimizers = build_optimizers(self.model, cfg, self.device)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                         else torch.autocast("cpu", enabled=False))
+        self.step = 0
+        self.flops_per_token = 3 * model_stats(mcfg, cfg.seq_len).flops_per_token
+        self.stop_requested = False
+        self.history: dict[str, list] = {"train": [], "val": []}
+
+    def build_model(self) -> Transformer:
+        cfg = self.cfg
+        source = cfg.init_from or (cfg.model if cfg.model not in PRESETS else None)
+        if source is not None:
+            if cfg.model_overrides:
+                raise DataError("model overrides apply to presets only, not to --init-from checkpoints")
+            model = load(source, dtype=torch.float32, device=self.device)
+        else:
+            sizes = {"vocab_size": self.train_data.meta["vocab_size"], "max_seq_len": cfg.seq_len}
+            try:
+                mcfg = preset(cfg.model, **{**sizes, **cfg.model_overrides})
+            except (TypeError, ValueError) as e:
+                raise DataError(f"model {cfg.model!r}: {e}") from None
+            with torch.device(self.device):
+                model = Transformer(mcfg)
+            model.init_weights(seed=cfg.seed)
+        return model.train()
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (a folder counts once its rename made it visible)."""
+        if not self.ckpt_dir.exists():
+            return []
+        found = [p for p in self.ckpt_dir.iterdir() if re.fullmatch(r"step_\d+", p.name)]
+        return sorted(found, key=lambda p: int(p.name[5:]))
+
+    def save_checkpoint(self) -> Path:
+        state = {
+            "step": self.step,
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "history": self.history,
+            "config": asdict(self.cfg),
+        }
+        path = save(self.model, self.ckpt_dir / f"step_{self.step:07d}", tokenizer_dir=self.cfg.data,
+                    train_state=state)
+        for old in self.checkpoints()[: -self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def resume(self) -> None:
+        ckpts = self.checkpoints()
+        if not ckpts:
+            raise DataError(f"--resume: no checkpoint in {self.ckpt_dir}")
+        path = ckpts[-1]
+        state = torch.load(path / "train_state.pt", weights_only=False)
+        loaded = load(path, dtype=torch.float32, device=self.device)
+        self.model.load_state_dict(loaded.state_dict())
+        for opt, s in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step = state["step"]
+        self.history = state["history"]
+        # Steps logged after this checkpoint will be run again: drop them so each step appears once.
+        metrics = self.out / "metrics.jsonl"
+        if metrics.exists():
+            kept = [line for line in metrics.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.step]
+            tmp = metrics.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, metrics)
+        print(f"resumed from {path} at step {self.step}")
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def batches(self, step: int):
+        """The micro-batches of one step: a function of (seed, step) only, so resuming replays them."""
+        cfg = self.cfg
+        for micro in range(cfg.grad_accum):
+            rng = np.random.default_rng([cfg.seed, step, micro])
+            x, y, mask = self.train_data.sample(cfg.batch_size, cfg.seq_len, rng)
+            yield (torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device),
+                   None if mask is None else torch.from_numpy(mask).to(self.device, torch.float32))
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        batches = list(self.batches(self.step))
+        counted = sum(y.numel() if m is None else m.sum() for _, y, m in batches)
+        if isinstance(counted, torch.Tensor):
+            counted = counted.clamp(min=1)
+        mult = lr_multiplier(cfg, self.step)
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * mult
+        loss_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        z_sum = torch.zeros((), device=self.device)
+        for x, y, mask in batches:
+            with self.autocast:
+                logits = self.forward(x)
+            lm = token_loss_sum(logits, y, mask) / counted
+            balance, z = moe_losses(self.model)
+            loss = lm + (cfg.moe_aux_coef * balance + cfg.moe_z_coef * z) / cfg.grad_accum
+            loss.backward()
+            loss_sum += lm.detach()
+            aux_sum += balance.detach() / cfg.grad_accum
+            z_sum += z.detach() / cfg.grad_accum
+        norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
+                else None)
+        loss_value = loss_sum.item()
+        if not math.isfinite(loss_value):
+            last = self.checkpoints()
+            raise TrainingError(f"loss is {loss_value} at step {self.step + 1}; stopping. Last good checkpoint: "
+                                f"{last[-1] if last else 'none'}")
+        for opt in self.optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        record = {"step": self.step + 1, "loss": loss_value, "lr": cfg.lr * mult}
+        if norm is not None:
+            record["grad_norm"] = norm.item()
+        if self.model.cfg.is_moe:
+            record["moe_aux_loss"] = aux_sum.item()
+            record["moe_z_loss"] = z_sum.item()
+        self.step += 1
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        cfg = self.cfg
+        self.model.eval()
+        total, count = torch.zeros((), dtype=torch.float64), 0.0
+        budget = cfg.eval_tokens or len(self.val_data)
+        group: list = []
+
+        def flush():
+            nonlocal total, count
+            x = torch.from_numpy(np.stack([g[0] for g in group])).to(self.device)
+            y = torch.from_numpy(np.stack([g[1] for g in group])).to(self.device)
+            m = None if group[0][2] is None else torch.from_numpy(np.stack([g[2] for g in group])).to(self.device)
+            with self.autocast:
+                logits = self.forward(x)
+            total += token_loss_sum(logits, y, m).double().cpu()
+            count += y.numel() if m is None else float(m.sum())
+            group.clear()
+
+        seen = 0
+        for x, y, m in self.val_data.windows(cfg.seq_len):
+            if seen >= budget:
+                break
+            if group and len(x) != len(group[0][0]):
+                flush()  # the last, shorter window goes alone
+            group.append((x, y, m))
+            seen += len(y)
+            if len(group) == cfg.eval_batch:
+                flush()
+        if group:
+            flush()
+        self.model.train()
+        val_loss = float(total) / max(count, 1.0)
+        bytes_per_token = self.val_data.loss_bytes / max(1, self.val_data.loss_tokens)
+        return {"step": self.step, "val_loss": val_loss, "val_bpb": val_loss / math.log(2) / bytes_per_token,
+                "val_tokens": int(count)}
+
+    def samples(self) -> list[str]:
+        cfg = self.cfg
+        eos = self.tokenizer.token_to_id(EOS)
+        prompt = ([eos] if eos is not None else []) + self.tokenizer.encode(
+            cfg.sample_prompt, add_special_tokens=False).ids
+        gen = torch.Generator().manual_seed(cfg.seed)  # its own RNG: sampling must not move the training RNG
+        self.model.eval()
+        texts = []
+        for _ in range(cfg.samples):
+            ids = generate(self.model, prompt, cfg.sample_tokens, temperature=0.8, top_k=50,
+                           stop_ids={eos} if eos is not None else None, generator=gen)
+            texts.append(cfg.sample_prompt + self.tokenizer.decode(ids))
+        self.model.train()
+        return texts
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(history: dict, path: Path) -> None:
+    """Train and validation loss against step, written to a temporary file and renamed over the old one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if history["train"]:
+        steps, losses = zip(*history["train"])
+        ax.plot(steps, losses, label="train", linewidth=0.8, alpha=0.8)
+    if history["val"]:
+        steps, losses = zip(*history["val"])
+        ax.plot(steps, losses, "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Run to cfg.max_steps (or a stop signal); returns the last evaluation."""
+    run = Run(cfg)  # every input error is raised here, before anything is written
+    if resume:
+        run.resume()
+    elif run.checkpoints():
+        raise DataError(f"{run.out} already holds checkpoints; pass --resume to continue it, or another --out")
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+    metrics, plot = run.out / "metrics.jsonl", run.out / "loss.png"
+
+    peak = matmul_flops(run.device, torch.bfloat16 if run.device.type == "cuda" else torch.float32)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    stats = model_stats(run.model.cfg, cfg.seq_len)
+    print(f"model: {stats.total_params / 1e6:.2f}M parameters ({stats.active_params / 1e6:.2f}M active), "
+          f"{tokens_per_step} tokens/step, matmul peak {peak / 1e9:.1f} GFLOP/s on {run.device}")
+
+    def on_signal(signum, frame):
+        run.stop_requested = True
+        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    last_eval: dict = {}
+    bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", disable=not cfg.progress, file=sys.stdout)
+    try:
+        while run.step < cfg.max_steps and not run.stop_requested:
+            t0 = time.perf_counter()
+            record = run.train_step()
+            dt = time.perf_counter() - t0
+            record["tokens_per_s"] = tokens_per_step / dt
+            record["mfu"] = record["tokens_per_s"] * run.flops_per_token / peak
+            append_jsonl(metrics, record)
+            run.history["train"].append((run.step, record["loss"]))
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                            tok_s=f"{record['tokens_per_s']:.0f}", mfu=f"{record['mfu']:.1%}")
+            done = run.step == cfg.max_steps
+            if done or (cfg.eval_every and run.step % cfg.eval_every == 0):
+                last_eval = run.evaluate()
+                append_jsonl(metrics, last_eval)
+                run.history["val"].append((run.step, last_eval["val_loss"]))
+                plot_losses(run.history, plot)
+                bar.write(f"step {run.step}: val_loss {last_eval['val_loss']:.4f}, "
+                          f"val_bpb {last_eval['val_bpb']:.4f}")
+                for text in run.samples() if cfg.samples else []:
+                    bar.write(f"--- sample ---\n{text}\n--------------")
+            if done or (cfg.ckpt_every and run.step % cfg.ckpt_every == 0):
+                run.save_checkpoint()
+        if run.stop_requested:
+            path = run.save_checkpoint()
+            bar.write(f"stopped by signal at step {run.step}; checkpoint saved to {path}")
+    finally:
+        bar.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    last = run.checkpoints()
+    return {**last_eval, "checkpoint": str(last[-1]) if last else None, "loss_curve": str(plot),
+            "stopped": run.stop_requested}
