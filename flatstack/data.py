@@ -310,7 +310,7 @@ def write_shards(cfg, sources, tok, eos, dtype, folder: Path, total_bytes: int) 
                 seg_ids = [tok.encode(t, add_special_tokens=False).ids for t, _ in p.chat]
                 ids = np.asarray([i for s in seg_ids for i in s], np.int64)
                 mask = np.concatenate([np.full(len(s), trained, np.uint8)
-                                       for s, (_, trained) in zip(seg_ids, p.chat)])
+                                       for s, (_, trained) in zip(seg_ids, p.chat, strict=True)])
                 loss_bytes = sum(len(t.encode()) for t, trained in p.chat if trained)
             if p.doc_start:
                 ids = np.concatenate([[eos], ids])

@@ -306,7 +306,7 @@ class Run:
         state = torch.load(path / "train_state.pt", weights_only=False)
         loaded = load(path, dtype=torch.float32, device=self.device)
         self.model.load_state_dict(loaded.state_dict())
-        for opt, s in zip(self.optimizers, state["optimizers"]):
+        for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(s)
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
@@ -445,10 +445,10 @@ def plot_losses(history: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if history["train"]:
-        steps, losses = zip(*history["train"])
+        steps, losses = zip(*history["train"], strict=True)
         ax.plot(steps, losses, label="train", linewidth=0.8, alpha=0.8)
     if history["val"]:
-        steps, losses = zip(*history["val"])
+        steps, losses = zip(*history["val"], strict=True)
         ax.plot(steps, losses, "o-", label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
