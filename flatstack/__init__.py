@@ -1,6 +1,22 @@
-"""flatstack: one small codebase from raw text to a served model."""
+"""flatstack: one small codebase from raw text to a served model.
 
-from flatstack.checkpoint import load, save
-from flatstack.model import KVCache, ModelConfig, Transformer, preset
+The names below load on first use, so commands that do not need torch (prepare) never import it.
+"""
 
-__all__ = ["KVCache", "ModelConfig", "Transformer", "load", "preset", "save"]
+import importlib
+
+_EXPORTS = {
+    "load": "flatstack.checkpoint",
+    "save": "flatstack.checkpoint",
+    "KVCache": "flatstack.model",
+    "ModelConfig": "flatstack.model",
+    "Transformer": "flatstack.model",
+    "preset": "flatstack.model",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'flatstack' has no attribute {name!r}")

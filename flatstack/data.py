@@ -37,7 +37,7 @@ from flatstack.tokenizer import (
     train_bpe,
 )
 
-BLOCK_BYTES = 1 << 20
+BLOCK_BYTES = 1 << 18
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 SPLITS = ("train", "val")
 
@@ -298,7 +298,7 @@ def write_shards(cfg, sources, tok, eos, dtype, folder: Path, total_bytes: int) 
 
     def encode(pieces: list[Piece]) -> None:
         plain = [p for p in pieces if p.chat is None]
-        encoded = iter(tok.encode_batch([p.text for p in plain], add_special_tokens=False))
+        encoded = iter(tok.encode_batch_fast([p.text for p in plain], add_special_tokens=False))
         for p in pieces:
             if p.chat is None:
                 ids = np.asarray(next(encoded).ids, np.int64)
