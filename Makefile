@@ -8,9 +8,17 @@ STAMP   := $(VENV)/.installed
 
 .PHONY: run test lint install clean
 
+# The main job: a Grok-architecture MoE trained from scratch on the Python standard library's own
+# source (every machine has it), through the same prepare and train commands a user runs.
+STDLIB  = $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+CORPUS  = --include '*.py' --exclude '*/test/*' --exclude '*/tests/*' --exclude '*/site-packages/*' \
+          --exclude '*/idlelib/*'
+
 run: $(STAMP)
 	$(BIN)/flatstack info grok-1
-	$(BIN)/flatstack info grok-1-tiny
+	$(BIN)/flatstack prepare "$(STDLIB)" $(CORPUS) --out runs/stdlib-data --tokenizer bpe --vocab-size 2048
+	rm -rf runs/main
+	$(BIN)/flatstack train --data runs/stdlib-data --out runs/main --config configs/main.toml
 
 test: $(STAMP)
 	$(BIN)/ruff check flatstack tests

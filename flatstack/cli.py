@@ -178,7 +178,7 @@ def read_toml(path: str) -> tuple[dict, dict]:
         raise CommandError(f"--config {path}: no such file") from None
     except tomllib.TOMLDecodeError as e:
         raise CommandError(f"--config {path}: {e}") from None
-    model = raw.pop("model", {})
+    model = raw.pop("model_overrides", {})
     return {k.replace("-", "_"): v for k, v in raw.items()}, {k.replace("-", "_"): v for k, v in model.items()}
 
 
@@ -238,6 +238,16 @@ def cmd_generate(args) -> None:
     print(("" if args.chat else args.prompt) + tok.decode(out))
 
 
+def cmd_bench(args) -> None:
+    from flatstack.bench import bench_train, print_train_report
+
+    report = bench_train(small=args.small, batch=args.batch, warmup=args.warmup, steps=args.steps,
+                         compile=not args.no_compile, device=args.device)
+    print_train_report(report)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=1) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -283,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help=f"a preset ({PRESET_HELP}) or a checkpoint (default grok-1-tiny)")
     s.add_argument("--out", help="RUN_DIR (default runs/run)")
     s.add_argument("--init-from", help="a checkpoint to fine-tune or continue (native or Hugging Face)")
-    s.add_argument("--config", help="a TOML file of settings ([model] table for model fields)")
+    s.add_argument("--config", help="a TOML file of settings ([model_overrides] table for model fields)")
     s.add_argument("--resume", action="store_true", help="continue RUN_DIR from its last checkpoint")
     s.set_defaults(func=cmd_train)
 
@@ -296,6 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("bench", help="benchmarks against this machine's ceilings and a same-run baseline")
+    s.add_argument("what", choices=("train",))
+    s.add_argument("--small", action="store_true", help="tiny models: a quick check that it runs")
+    s.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
+    s.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    s.add_argument("--steps", type=int, default=3, help="timed steps; the median is reported (default 3)")
+    s.add_argument("--no-compile", action="store_true", help="flatstack without torch.compile")
+    s.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--json-out", help="also write the JSON report here")
+    s.set_defaults(func=cmd_bench)
     return p
 
 

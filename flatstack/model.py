@@ -77,7 +77,8 @@ class ModelConfig:
         if bad:
             name = bad[0]
             raise ValueError(f"invalid ModelConfig.{name}={getattr(self, name)!r} (config: {self})")
-        if self.rope_scaling is not None and self.rope_scaling.get("type") != "llama3":
+        scaling = self.rope_scaling
+        if scaling is not None and (not isinstance(scaling, dict) or scaling.get("type") != "llama3"):
             raise ValueError(f"unsupported rope_scaling {self.rope_scaling!r}; supported: type 'llama3'")
 
     @property
@@ -100,7 +101,7 @@ GROK1 = ModelConfig(
     vocab_size=131072, d_model=6144, n_layers=64, n_heads=48, n_kv_heads=8, head_dim=128,
     ffn_dim=32768, max_seq_len=8192, activation="gelu_tanh", n_experts=8, experts_per_token=2,
     renormalize_topk=False, norm_layout="sandwich", rms_norm_eps=1e-5, rope_theta=10000.0,
-    attn_logit_scale=0.08838834764831845, attn_logit_softcap=30.0,
+    attn_logit_scale=None, attn_logit_softcap=30.0,  # None: 1/sqrt(head_dim), Grok-1's 0.0884 at 128
     embedding_multiplier=78.38367176906169, output_multiplier=0.5773502691896257, tied_embeddings=True,
 )
 
@@ -109,7 +110,7 @@ PRESETS: dict[str, ModelConfig] = {
     # Grok-1's architecture at the size of the xAI reference fixture; byte-sized vocabulary.
     "grok-1-tiny": replace(
         GROK1, vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-        ffn_dim=344, max_seq_len=256, attn_logit_scale=0.25, embedding_multiplier=8.0,
+        ffn_dim=344, max_seq_len=256, embedding_multiplier=8.0,
     ),
     "llama-3.2-1b": ModelConfig(
         vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,

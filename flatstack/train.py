@@ -337,44 +337,12 @@ class Run:
                    None if mask is None else torch.from_numpy(mask).to(self.device, torch.float32))
 
     def train_step(self) -> dict:
-        cfg = self.cfg
-        batches = list(self.batches(self.step))
-        counted = sum(y.numel() if m is None else m.sum() for _, y, m in batches)
-        if isinstance(counted, torch.Tensor):
-            counted = counted.clamp(min=1)
-        mult = lr_multiplier(cfg, self.step)
-        for opt in self.optimizers:
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * mult
-        loss_sum = torch.zeros((), device=self.device)
-        aux_sum = torch.zeros((), device=self.device)
-        z_sum = torch.zeros((), device=self.device)
-        for x, y, mask in batches:
-            with self.autocast:
-                logits = self.forward(x)
-            lm = token_loss_sum(logits, y, mask) / counted
-            balance, z = moe_losses(self.model)
-            loss = lm + (cfg.moe_aux_coef * balance + cfg.moe_z_coef * z) / cfg.grad_accum
-            loss.backward()
-            loss_sum += lm.detach()
-            aux_sum += balance.detach() / cfg.grad_accum
-            z_sum += z.detach() / cfg.grad_accum
-        norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
-                else None)
-        loss_value = loss_sum.item()
-        if not math.isfinite(loss_value):
+        try:
+            record = optimizer_step(self.model, self.forward, self.optimizers, list(self.batches(self.step)),
+                                    self.cfg, self.step, self.autocast)
+        except TrainingError as e:
             last = self.checkpoints()
-            raise TrainingError(f"loss is {loss_value} at step {self.step + 1}; stopping. Last good checkpoint: "
-                                f"{last[-1] if last else 'none'}")
-        for opt in self.optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        record = {"step": self.step + 1, "loss": loss_value, "lr": cfg.lr * mult}
-        if norm is not None:
-            record["grad_norm"] = norm.item()
-        if self.model.cfg.is_moe:
-            record["moe_aux_loss"] = aux_sum.item()
-            record["moe_z_loss"] = z_sum.item()
+            raise TrainingError(f"{e}; stopping. Last good checkpoint: {last[-1] if last else 'none'}") from None
         self.step += 1
         return record
 
@@ -429,6 +397,48 @@ class Run:
             texts.append(cfg.sample_prompt + self.tokenizer.decode(ids))
         self.model.train()
         return texts
+
+
+def optimizer_step(model: Transformer, forward, optimizers: list, batches: list, cfg: TrainConfig, step: int,
+                   autocast) -> dict:
+    """One optimizer step over its micro-batches: the loss is the mean over every counted target of the
+    step, so accumulating 4 x 2 sequences equals a batch of 8. Returns the step's metrics."""
+    counted = sum(y.numel() if m is None else m.sum() for _, y, m in batches)
+    if isinstance(counted, torch.Tensor):
+        counted = counted.clamp(min=1)
+    mult = lr_multiplier(cfg, step)
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * mult
+    device = batches[0][0].device
+    loss_sum, aux_sum, z_sum = (torch.zeros((), device=device) for _ in range(3))
+    accum = len(batches)
+    for x, y, mask in batches:
+        with autocast:
+            logits = forward(x)
+        lm = token_loss_sum(logits, y, mask) / counted
+        balance, z = moe_losses(model)
+        loss = lm + (cfg.moe_aux_coef * balance + cfg.moe_z_coef * z) / accum
+        loss.backward()
+        loss_sum += lm.detach()
+        aux_sum += balance.detach() / accum
+        z_sum += z.detach() / accum
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+    loss_value = loss_sum.item()
+    if not math.isfinite(loss_value):
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        raise TrainingError(f"loss is {loss_value} at step {step + 1}")
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    record = {"step": step + 1, "loss": loss_value, "lr": cfg.lr * mult}
+    if norm is not None:
+        record["grad_norm"] = norm.item()
+    if model.cfg.is_moe:
+        record["moe_aux_loss"] = aux_sum.item()
+        record["moe_z_loss"] = z_sum.item()
+    return record
 
 
 def append_jsonl(path: Path, record: dict) -> None:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,3 +240,14 @@ def test_generate_cli_samples_from_a_run(data_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
     assert os.path.exists(result["loss_curve"])
+
+
+@pytest.mark.parametrize("config", ["main.toml", "shakespeare_char.toml"])
+def test_shipped_configs_train(config, data_dir, tmp_path, capsys):
+    """The TOML files `make run` and the README's benchmark use are valid and run end to end."""
+    path = Path(__file__).resolve().parents[1] / "configs" / config
+    rc = main(["train", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--config", str(path),
+               "--max-steps", "2", "--eval-tokens", "500", "--sample-tokens", "5", "--seq-len", "32",
+               "--batch-size", "2", "--progress", "false"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "validation loss" in out and "loss curve:" in out

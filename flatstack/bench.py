@@ -1,0 +1,140 @@
+"""Benchmarks. Each prints JSON with the ceiling of the machine it ran on (measured in the same run), a
+baseline measured in the same run, and the ratio.
+
+`flatstack bench train`: training tokens/s, MFU and peak memory of flatstack's training step beside a
+plain eager PyTorch loop over the same model, for a dense model and a Grok-style MoE.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from flatstack.ceilings import matmul_flops, sync
+from flatstack.model import ModelConfig, Transformer, model_stats
+from flatstack.train import TrainConfig, build_optimizers, optimizer_step
+
+# GPT-2 small's size (12 layers, 768 wide, 124M parameters, context 256) in the Llama-style block, and a
+# Grok-style MoE with about as many active parameters per token.
+DENSE = ModelConfig(vocab_size=50257, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, head_dim=64,
+                    ffn_dim=2048, max_seq_len=256, tied_embeddings=True)
+MOE = replace(DENSE, n_kv_heads=4, ffn_dim=1024, n_experts=8, experts_per_token=2, renormalize_topk=False,
+              activation="gelu_tanh", norm_layout="sandwich", attn_logit_softcap=30.0)
+TINY = replace(DENSE, vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, ffn_dim=128)
+TINY_MOE = replace(MOE, vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=64)
+
+
+def peak_rss_reset() -> None:
+    """Linux: reset the process's peak resident memory so the next reading covers what follows only."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        peak_rss_reset()
+
+
+def time_steps(step_fn, device: torch.device, warmup: int, steps: int) -> list[float]:
+    for _ in range(warmup):
+        step_fn()
+    sync(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step_fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def baseline_step(model: Transformer, x, y, device: torch.device):
+    """The plain eager loop a PyTorch user writes first: forward, mean cross-entropy, backward, AdamW."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, foreach=False, fused=False)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        with autocast:
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def flatstack_step(model: Transformer, x, y, device: torch.device, compile: bool):
+    cfg = TrainConfig(lr=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0, compile=compile)
+    optimizers = build_optimizers(model, cfg, device)
+    forward = torch.compile(model) if compile else model
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    return lambda: optimizer_step(model, forward, optimizers, [(x, y, None)], cfg, 0, autocast)
+
+
+def bench_train(small: bool = False, batch: int = 8, warmup: int = 2, steps: int = 3, compile: bool = True,
+                device: str | None = None) -> dict:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    peak = matmul_flops(dev, dtype)
+    results = []
+    for name, cfg in (("dense", TINY if small else DENSE), ("moe", TINY_MOE if small else MOE)):
+        gen = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.max_seq_len + 1), generator=gen).to(dev)
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        flops_per_token = 3 * model_stats(cfg, cfg.max_seq_len).flops_per_token
+        row = {"model": name, "params": model_stats(cfg).total_params, "tokens_per_step": x.numel(),
+               "seq_len": cfg.max_seq_len}
+        for label in ("baseline", "flatstack"):
+            with torch.device(dev):
+                model = Transformer(cfg)
+            model.init_weights(seed=0).train()
+            reset_memory(dev)
+            fn = baseline_step(model, x, y, dev) if label == "baseline" else flatstack_step(model, x, y, dev, compile)
+            seconds = statistics.median(time_steps(fn, dev, warmup, steps))
+            tps = x.numel() / seconds
+            row[label] = {"tokens_per_s": tps, "mfu": tps * flops_per_token / peak,
+                          "peak_memory_bytes": peak_memory(dev), "seconds_per_step": seconds}
+            del model, fn
+        row["speedup"] = row["flatstack"]["tokens_per_s"] / row["baseline"]["tokens_per_s"]
+        results.append(row)
+    return {
+        "benchmark": "train",
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "ceiling": {"matmul_flops": peak, "dtype": str(dtype).removeprefix("torch.")},
+        "baseline": "plain eager loop: forward, F.cross_entropy, backward, torch.optim.AdamW (for-loop)",
+        "flatstack": f"flatstack optimizer_step: fused AdamW, grad clipping{', torch.compile' if compile else ''}",
+        "results": results,
+    }
+
+
+def print_train_report(report: dict) -> None:
+    ceiling = report["ceiling"]
+    print(f"# {report['device']}: matmul peak {ceiling['matmul_flops'] / 1e9:.1f} GFLOP/s ({ceiling['dtype']})")
+    for r in report["results"]:
+        b, f = r["baseline"], r["flatstack"]
+        print(f"# {r['model']:5s} {r['params'] / 1e6:.1f}M params: baseline {b['tokens_per_s']:.0f} tok/s "
+              f"(MFU {b['mfu']:.1%}, {b['peak_memory_bytes'] / 2**20:.0f} MiB), flatstack {f['tokens_per_s']:.0f} "
+              f"tok/s (MFU {f['mfu']:.1%}, {f['peak_memory_bytes'] / 2**20:.0f} MiB): x{r['speedup']:.2f}")
+    print(json.dumps(report, indent=1))
