@@ -398,8 +398,13 @@ class Transformer(nn.Module):
                 p.copy_(data.to(p.dtype))
         return self
 
-    def forward(self, tokens: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        """tokens [B, T] int64 -> logits [B, T, V]. With a cache, tokens sit at positions start.."""
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.cfg.tied_embeddings else self.output.weight
+
+    def hidden(self, tokens: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens [B, T] -> the final normed hidden states [B, T, D], before the LM head. Training feeds
+        these to the fused head-and-loss op, so the logits never exist whole."""
         cfg = self.cfg
         check_tokens(tokens, cfg.vocab_size)
         T = tokens.shape[1]
@@ -416,11 +421,13 @@ class Transformer(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, start, cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, start, cache)
-        x = self.norm(x)
-        weight = self.tok_embeddings.weight if cfg.tied_embeddings else self.output.weight
-        logits = F.linear(x, weight)
-        if cfg.output_multiplier != 1.0:
-            logits = logits * cfg.output_multiplier
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens [B, T] int64 -> logits [B, T, V]. With a cache, tokens sit at positions start.."""
+        logits = F.linear(self.hidden(tokens, start, cache), self.head_weight)
+        if self.cfg.output_multiplier != 1.0:
+            logits = logits * self.cfg.output_multiplier
         return logits
 
 
