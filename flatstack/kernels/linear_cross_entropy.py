@@ -40,16 +40,19 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits = (hc @ weight.T).float()
             if scale != 1.0:
                 logits.mul_(scale)
-            lse = torch.logsumexp(logits, dim=-1)
-            ce = lse - logits.gather(1, tc[:, None]).squeeze(1)
-            wc = None if row_weights is None else row_weights[start:end].float()
-            loss += ce.sum() if wc is None else (ce * wc).sum()
+            # One exp pass, in place: e = exp(logits - max), lse = max + log(sum e), softmax = e / sum e.
+            target_logit = logits.gather(1, tc[:, None]).squeeze(1)
+            peak = logits.amax(dim=-1)
+            e = logits.sub_(peak[:, None]).exp_()
+            total = e.sum(dim=-1)
+            ce = peak + total.log() - target_logit
+            wc = torch.ones_like(ce) if row_weights is None else row_weights[start:end].float()
+            loss += (ce * wc).sum()
             if not want_grad:
                 continue
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            grad.scatter_add_(1, tc[:, None], torch.full_like(lse[:, None], -1.0))
-            if wc is not None or scale != 1.0:
-                grad.mul_((wc[:, None] if wc is not None else 1.0) * scale)
+            # d loss / d logits = w * scale * (softmax - one_hot)
+            grad = e.mul_((wc * scale / total)[:, None])
+            grad.scatter_add_(1, tc[:, None], -(wc * scale)[:, None])
             grad = grad.to(h.dtype)
             grad_h[start:end] = grad @ weight
             grad_w = grad.T @ hc if grad_w is None else grad_w.addmm_(grad.T, hc)
