@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from flatstack.atomic import replace_dir
 from flatstack.model import PRESETS, ModelConfig, Transformer
 
 FORMAT_KEY = "flatstack_format"
@@ -127,24 +128,6 @@ def save(
         torch.save(train_state, tmp / "train_state.pt")
     replace_dir(tmp, path)
     return path
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move folder src to dst, replacing dst; each rename is atomic, so dst or dst.old is always whole."""
-    for f in src.iterdir():
-        fsync_file(f)
-    old = dst.with_name(dst.name + ".old")
-    if dst.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(dst, old)
-    os.rename(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def fsync_file(path: Path) -> None:
-    if path.is_file():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from flatstack.atomic import replace_dir
 from flatstack.tokenizer import (
     CHAT_TEMPLATE,
     EOS,
@@ -280,12 +281,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
     return meta
 
 
