@@ -12,7 +12,7 @@ STAMP   := $(VENV)/.installed
 # source (every machine has it), through the same prepare and train commands a user runs.
 STDLIB  = $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 CORPUS  = --include '*.py' --exclude '*/test/*' --exclude '*/tests/*' --exclude '*/site-packages/*' \
-          --exclude '*/idlelib/*'
+          --exclude '*/idlelib/*' --exclude '*/encodings/*'
 
 run: $(STAMP)
 	$(BIN)/flatstack info grok-1
