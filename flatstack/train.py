@@ -126,7 +126,10 @@ def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum, then orthogonalise the update of each matrix (stacked experts: each expert)."""
+    """Momentum, then orthogonalise the update of each matrix (stacked experts: each expert).
+
+    Matrices of one shape are orthogonalised together as one batch: a model's many small matrices
+    would otherwise cost hundreds of tiny matmuls per step."""
 
     def __init__(self, params, lr: float, momentum: float = 0.95, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
@@ -135,14 +138,25 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            by_shape: dict[tuple, list] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
                 buf.lerp_(p.grad, 1 - mu)
-                update = newton_schulz(p.grad.lerp(buf, mu))  # Nesterov
-                scale = max(1.0, p.shape[-2] / p.shape[-1]) ** 0.5
-                p.mul_(1 - lr * wd).add_(update, alpha=-lr * scale)
+                mats = p.grad.lerp(buf, mu).reshape(-1, *p.shape[-2:])  # Nesterov
+                tall = p.shape[-2] > p.shape[-1]
+                mats = mats.mT if tall else mats  # all wide, so same-size matrices batch together
+                by_shape.setdefault(tuple(mats.shape[-2:]), []).append((p, mats, tall))
+            for entries in by_shape.values():
+                ortho = newton_schulz(torch.cat([mats for _, mats, _ in entries]))
+                start = 0
+                for p, mats, tall in entries:
+                    update = ortho[start : start + len(mats)]
+                    start += len(mats)
+                    update = (update.mT if tall else update).reshape(p.shape)
+                    scale = max(1.0, p.shape[-2] / p.shape[-1]) ** 0.5
+                    p.mul_(1 - lr * wd).add_(update, alpha=-lr * scale)
 
 
 def build_optimizers(model: Transformer, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:

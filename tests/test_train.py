@@ -251,3 +251,22 @@ def test_shipped_configs_train(config, data_dir, tmp_path, capsys):
                "--batch-size", "2", "--progress", "false"])
     out = capsys.readouterr().out
     assert rc == 0 and "validation loss" in out and "loss curve:" in out
+
+
+def test_muon_batched_by_shape_equals_one_matrix_at_a_time():
+    from flatstack.train import Muon, newton_schulz
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(16, 16), (16, 16), (40, 16), (16, 40), (4, 40, 16), (4, 16, 40)]  # tall, wide, expert stacks
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    expected = []
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+        mom = 0.05 * p.grad  # the momentum buffer after one step from zero, mu = 0.95
+        g = p.grad.lerp(mom, 0.95).reshape(-1, *p.shape[-2:])
+        update = torch.stack([newton_schulz(m) for m in g]).reshape(p.shape)
+        scale = max(1.0, p.shape[-2] / p.shape[-1]) ** 0.5
+        expected.append(p.detach() * (1 - 0.1 * 0.01) - 0.1 * scale * update)
+    Muon(params, lr=0.1, weight_decay=0.01).step()
+    for p, e in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-4, atol=1e-5)
