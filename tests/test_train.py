@@ -270,3 +270,31 @@ def test_muon_batched_by_shape_equals_one_matrix_at_a_time():
     Muon(params, lr=0.1, weight_decay=0.01).step()
     for p, e in zip(params, expected, strict=True):
         torch.testing.assert_close(p.detach(), e, rtol=1e-4, atol=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = Transformer(preset("grok-1-tiny")).init_weights(seed=0).train()
+    x = torch.randint(0, 256, (2, 16))
+    grads = []
+    for recompute in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = recompute
+        model(x).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_fine_tune_from_checkpoint_keeps_last_k(chat_dir, tmp_path):
+    """--init-from starts from the checkpoint's weights (its first loss is the checkpoint's level, far
+    below a fresh model's), and only the last --keep-checkpoints folders stay."""
+    base = train(TrainConfig(data=str(chat_dir), out=str(tmp_path / "base"), max_steps=30, ckpt_every=10,
+                             eval_every=0, **{**SMALL, "warmup_steps": 2}))
+    assert sorted(p.name for p in (tmp_path / "base" / "checkpoints").iterdir()) == ["step_0000020",
+                                                                                      "step_0000030"]
+    sft = TrainConfig(data=str(chat_dir), out=str(tmp_path / "sft"), init_from=base["checkpoint"], max_steps=1,
+                      eval_every=0, **SMALL)
+    train(sft)
+    first = losses(tmp_path / "sft")[1]
+    fresh = losses(tmp_path / "base")[1]
+    assert first < fresh - 1.0, (first, fresh)
