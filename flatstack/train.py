@@ -441,7 +441,9 @@ def optimizer_step(model: Transformer, forward, optimizers: list, batches: list,
         aux_sum += balance.detach() / accum
         z_sum += z.detach() / accum
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-    loss_value = loss_sum.item()
+    # one device-to-host copy per step for everything logged (and the NaN check)
+    loss_value, norm_value, aux_value, z_value = torch.stack(
+        [loss_sum, norm if norm is not None else loss_sum, aux_sum, z_sum]).tolist()
     if not math.isfinite(loss_value):
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
@@ -451,10 +453,10 @@ def optimizer_step(model: Transformer, forward, optimizers: list, batches: list,
         opt.zero_grad(set_to_none=True)
     record = {"step": step + 1, "loss": loss_value, "lr": cfg.lr * mult}
     if norm is not None:
-        record["grad_norm"] = norm.item()
+        record["grad_norm"] = norm_value
     if model.cfg.is_moe:
-        record["moe_aux_loss"] = aux_sum.item()
-        record["moe_z_loss"] = z_sum.item()
+        record["moe_aux_loss"] = aux_value
+        record["moe_z_loss"] = z_value
     return record
 
 
