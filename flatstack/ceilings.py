@@ -1,5 +1,5 @@
 """The ceilings of the machine this runs on, measured rather than looked up: matmul FLOP/s in a dtype,
-and memory bandwidth (a large copy). Training reports MFU against the first, decode against the second.
+which training reports MFU against. (Memory bandwidth, for decode, comes with the inference engine.)
 
 Its own module because both the trainer and the benchmarks need it, and the benchmarks import the trainer.
 """
@@ -36,11 +36,3 @@ def matmul_flops(device: str | torch.device = "cpu", dtype: torch.dtype = torch.
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n**3 / best_seconds(lambda: a @ b, device, repeats)
-
-
-def memory_bandwidth(device: str | torch.device = "cpu", nbytes: int = 1 << 28, repeats: int = 5) -> float:
-    """Best observed bytes/s of a large copy, counting the read and the write."""
-    device = torch.device(device)
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
-    dst = torch.empty_like(src)
-    return 2 * nbytes / best_seconds(lambda: dst.copy_(src), device, repeats)
