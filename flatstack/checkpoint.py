@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,9 @@ def load(
     dtype None keeps the stored dtype; device None is the CPU.
     """
     folder = existing_path(path)
+    if folder.suffix == ".gguf" and folder.is_file():
+        cfg, tensors, _ = read_gguf(folder)
+        return build_model(cfg, tensors, dtype, device)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a checkpoint folder (expected config.json and safetensors)")
     raw = read_json(folder / "config.json")
@@ -401,9 +405,95 @@ def read_grok1_arrays(src: Path) -> dict[str, np.ndarray | torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
+# GGUF (llama.cpp's format): llama-architecture files, dequantised on load
+
+GGUF_NAMES = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+GGUF_LAYER_NAMES = {
+    "attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "attn_q": "attn.wq", "attn_k": "attn.wk",
+    "attn_v": "attn.wv", "attn_output": "attn.wo", "ffn_gate": "ffn.w_gate", "ffn_up": "ffn.w_up",
+    "ffn_down": "ffn.w_down",
+}
+GGUF_LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's converter interleaves each head's q/k rows for its RoPE kernel; undo it, back to the
+    half-rotation layout."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
+    """(config, native tensors in float32, tokenizer files) of a llama-architecture GGUF file."""
+    try:
+        import gguf
+    except ImportError:
+        raise CheckpointError("reading GGUF files needs the gguf package: pip install 'flatstack[gguf]'") from None
+    from flatstack.tokenizer import tokenizer_from_gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"cannot read GGUF file {path}: {e}") from e
+    meta = {key: field.contents() for key, field in reader.fields.items()}
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported; supported: llama")
+
+    def need(key):
+        if key not in meta:
+            raise CheckpointError(f"{path}: GGUF metadata lacks {key!r}")
+        return meta[key]
+
+    names = {t.name for t in reader.tensors}
+    n_heads, d_model = need("llama.attention.head_count"), need("llama.embedding_length")
+    n_kv = meta.get("llama.attention.head_count_kv", n_heads)
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    cfg = ModelConfig(
+        vocab_size=meta.get("llama.vocab_size", len(meta.get("tokenizer.ggml.tokens", []))),
+        d_model=d_model, n_layers=need("llama.block_count"), n_heads=n_heads, n_kv_heads=n_kv,
+        head_dim=d_model // n_heads, ffn_dim=need("llama.feed_forward_length"),
+        max_seq_len=meta.get("llama.context_length", 2048),
+        rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+        tied_embeddings="output.weight" not in names,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos,
+        extra={"source": f"gguf {meta.get('general.name', path.name)}"},
+    )
+    tensors = {}
+    for t in reader.tensors:
+        native = GGUF_NAMES.get(t.name)
+        m = GGUF_LAYER.fullmatch(t.name)
+        if m and m.group(2) in GGUF_LAYER_NAMES:
+            native = f"layers.{m.group(1)}.{GGUF_LAYER_NAMES[m.group(2)]}.weight"
+        if native is None:
+            raise CheckpointError(f"{path}: unexpected GGUF tensor {t.name!r}")
+        try:
+            array = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise CheckpointError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which cannot be "
+                                  "dequantised") from None
+        array = np.array(array, dtype=np.float32).reshape(tuple(reversed([int(n) for n in t.shape])))
+        if m and m.group(2) in ("attn_q", "attn_k"):
+            array = unpermute_rope_rows(array, n_heads if m.group(2) == "attn_q" else n_kv)
+        tensors[native] = torch.from_numpy(np.ascontiguousarray(array))
+    files = {"tokenizer.json": tokenizer_from_gguf(meta).to_str()}
+    if "tokenizer.chat_template" in meta:
+        tokens = meta.get("tokenizer.ggml.tokens", [])
+        files["tokenizer_config.json"] = json.dumps({
+            "chat_template": meta["tokenizer.chat_template"],
+            "eos_token": tokens[eos] if eos is not None and eos < len(tokens) else None,
+        }, indent=1)
+    return cfg, tensors, files
+
+
+# ---------------------------------------------------------------------------------------------
 # convert
 
-CONVERTERS = ("hf", "xai-grok1")
+CONVERTERS = ("hf", "gguf", "xai-grok1")
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, source: str, config: str | None = None,
@@ -415,6 +505,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, source: str, config:
             raise CheckpointError("--config applies to --from xai-grok1 only (a Hugging Face folder has its own)")
         model = load(src_path, dtype=dtype)
         return save(model, dst, tokenizer_dir=src_path)
+    if source == "gguf":
+        cfg, tensors, tokenizer_files = read_gguf(src_path)
+        with tempfile.TemporaryDirectory() as tok_dir:
+            for name, text in tokenizer_files.items():
+                Path(tok_dir, name).write_text(text, encoding="utf-8")
+            return save(build_model(cfg, tensors, dtype), dst, tokenizer_dir=tok_dir)
     if source == "xai-grok1":
         cfg = grok1_config(config)
         model = build_model(cfg, grok1_tensors_to_native(read_grok1_arrays(src_path)), dtype)

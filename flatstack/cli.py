@@ -262,9 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("convert", help="import a foreign checkpoint into the native format")
-    s.add_argument("src", help="a Hugging Face folder, or a Grok-1 .npz/.safetensors of xAI-named arrays")
+    s.add_argument("src", help="a Hugging Face folder, a .gguf file (llama architecture), or a Grok-1 "
+                   ".npz/.safetensors of xAI-named arrays")
     s.add_argument("dst", help="the native checkpoint folder to write")
-    s.add_argument("--from", dest="source", required=True, choices=("hf", "xai-grok1"))
+    s.add_argument("--from", dest="source", required=True, choices=("hf", "gguf", "xai-grok1"))
     s.add_argument("--config", help="config JSON (xai-grok1 only; default: the grok-1 preset)")
     s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast the weights (default: keep)")
     s.set_defaults(func=cmd_convert)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOS = "<|endoftext|>"  # separates documents; ends generation
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -64,6 +64,31 @@ def char_tokenizer(chars: Iterable[str]) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(SPECIALS)
+    return tok
+
+
+GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4  # llama.cpp's token types
+
+
+def tokenizer_from_gguf(meta: dict) -> Tokenizer:
+    """The byte-level BPE a GGUF file describes in its metadata (tokenizer.ggml.*), as llama.cpp reads it:
+    control tokens are special and never split; the 'smollm' pre-tokenizer splits digits one by one."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported; supported: gpt2 (byte-level BPE)")
+    tokens = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if meta.get("tokenizer.ggml.pre") == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    types = meta.get("tokenizer.ggml.token_type", [])
+    added = [AddedToken(tokens[i], special=t == GGUF_CONTROL, normalized=False)
+             for i, t in enumerate(types) if t in (GGUF_CONTROL, GGUF_USER_DEFINED)]
+    tok.add_tokens(added)
     return tok
 
 

