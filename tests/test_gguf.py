@@ -83,3 +83,24 @@ def test_non_gguf_file_is_named(tmp_path):
     bad.write_bytes(b"not a gguf file at all")
     with pytest.raises(CheckpointError, match="broken.gguf"):
         flatstack.load(bad)
+
+
+def test_fine_tune_the_converted_model_on_chat_data(converted, tmp_path):
+    """The whole fine-tuning path on a real model: its own tokenizer prepares ChatML data (SmolLM2 knows
+    <|im_start|>), and training starts from its weights: the first loss is far below a random model's."""
+    import json
+
+    from flatstack.data import PrepareConfig, prepare
+    from flatstack.train import TrainConfig, train
+
+    chats = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                           {"role": "assistant", "content": f"It is {2 * i}."}]} for i in range(60)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    prepare(PrepareConfig(inputs=[str(tmp_path / "chat.jsonl")], out=str(tmp_path / "d"), tokenizer=str(converted),
+                          progress=False))
+    cfg = TrainConfig(data=str(tmp_path / "d"), init_from=str(converted), out=str(tmp_path / "r"), max_steps=1,
+                      seq_len=32, batch_size=1, lr=1e-5, warmup_steps=1, eval_tokens=64, samples=0, progress=False)
+    result = train(cfg)
+    first = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] < 5.0  # a random model over 49,152 tokens starts near ln(49152) = 10.8
+    assert flatstack.load(result["checkpoint"]).cfg.vocab_size == 49152
