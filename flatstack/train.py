@@ -31,7 +31,7 @@ from flatstack.data import DataError, TokenData
 from flatstack.generate import generate
 from flatstack.kernels.linear_cross_entropy import linear_cross_entropy
 from flatstack.model import PRESETS, MoE, Transformer, model_stats, preset
-from flatstack.tokenizer import EOS, load_tokenizer
+from flatstack.tokenizer import EOS, IM_END, chat_segments, load_tokenizer
 
 
 class TrainingError(RuntimeError):
@@ -400,17 +400,25 @@ class Run:
                 "val_tokens": int(count)}
 
     def samples(self) -> list[str]:
+        """Samples after an end-of-text token and the sample prompt; on chat data, the prompt is a user turn
+        and the sample the assistant's answer."""
         cfg = self.cfg
         eos = self.tokenizer.token_to_id(EOS)
-        prompt = ([eos] if eos is not None else []) + self.tokenizer.encode(
-            cfg.sample_prompt, add_special_tokens=False).ids
+        chat = self.train_data.masks is not None
+        if chat:
+            text = "".join(t for t, _ in chat_segments([{"role": "user", "content": cfg.sample_prompt}], True))
+        else:
+            text = cfg.sample_prompt
+        prompt = ([eos] if eos is not None else []) + self.tokenizer.encode(text, add_special_tokens=False).ids
+        stops = {i for i in (eos, self.tokenizer.token_to_id(IM_END)) if i is not None}
         gen = torch.Generator().manual_seed(cfg.seed)  # its own RNG: sampling must not move the training RNG
         self.model.eval()
         texts = []
         for _ in range(cfg.samples):
-            ids = generate(self.model, prompt, cfg.sample_tokens, temperature=0.8, top_k=50,
-                           stop_ids={eos} if eos is not None else None, generator=gen)
-            texts.append(cfg.sample_prompt + self.tokenizer.decode(ids))
+            ids = generate(self.model, prompt, cfg.sample_tokens, temperature=0.8, top_k=50, stop_ids=stops,
+                           generator=gen)
+            texts.append((f"user: {cfg.sample_prompt}\nassistant: " if chat else cfg.sample_prompt)
+                         + self.tokenizer.decode(ids))
         self.model.train()
         return texts
 
