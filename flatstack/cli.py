@@ -221,20 +221,12 @@ def cmd_generate(args) -> None:
     import torch
 
     from flatstack.checkpoint import load
-    from flatstack.generate import generate
-    from flatstack.tokenizer import EOS, chat_segments, load_tokenizer
+    from flatstack.generate import encode_prompt, generate
+    from flatstack.tokenizer import load_tokenizer
 
     model = load(args.checkpoint)
     tok = load_tokenizer(args.checkpoint)
-    if args.chat:
-        prompt_text = "".join(t for t, _ in chat_segments([{"role": "user", "content": args.prompt}], True))
-    else:
-        prompt_text = args.prompt
-    eos = tok.token_to_id(EOS)
-    ids = tok.encode(prompt_text, add_special_tokens=False).ids
-    if not args.chat and eos is not None:
-        ids = [eos] + ids  # documents start after an end-of-text token in training
-    stops = {i for i in (eos, tok.token_to_id("<|im_end|>")) if i is not None}
+    ids, stops = encode_prompt(tok, args.prompt, args.chat)
     gen = torch.Generator().manual_seed(args.seed)
     out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, stops, gen)
     print(("" if args.chat else args.prompt) + tok.decode(out))

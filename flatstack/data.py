@@ -291,6 +291,7 @@ def write_shards(cfg, sources, tok, eos, dtype, folder: Path, total_bytes: int) 
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not cfg.progress)
     start = time.perf_counter()
     batch: list[Piece] = []
+    batch_chars = 0
 
     def encode(pieces: list[Piece]) -> None:
         plain = [p for p in pieces if p.chat is None]
@@ -318,9 +319,10 @@ def write_shards(cfg, sources, tok, eos, dtype, folder: Path, total_bytes: int) 
         hashes.append({"path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)})
     for piece in read_pieces(sources, cfg, on_bytes=bar.update):
         batch.append(piece)
-        if sum(len(p.text) for p in batch) >= BLOCK_BYTES:
+        batch_chars += len(piece.text)
+        if batch_chars >= BLOCK_BYTES:
             encode(batch)
-            batch = []
+            batch, batch_chars = [], 0
     if batch:
         encode(batch)
     bar.close()

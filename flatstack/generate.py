@@ -6,6 +6,20 @@ from __future__ import annotations
 import torch
 
 from flatstack.model import KVCache, Transformer
+from flatstack.tokenizer import EOS, IM_END, chat_segments
+
+
+def encode_prompt(tok, text: str, chat: bool) -> tuple[list[int], set[int]]:
+    """Prompt ids and stop ids. Plain text follows an end-of-text token, as every document does in
+    training; with chat, the text is a user turn and the ids end where the assistant's answer begins."""
+    if chat:
+        ids = tok.encode("".join(t for t, _ in chat_segments([{"role": "user", "content": text}], True)),
+                         add_special_tokens=False).ids
+    else:
+        eos = tok.token_to_id(EOS)
+        ids = ([eos] if eos is not None else []) + tok.encode(text, add_special_tokens=False).ids
+    stops = {i for i in (tok.token_to_id(EOS), tok.token_to_id(IM_END)) if i is not None}
+    return ids, stops
 
 
 @torch.no_grad()

@@ -28,10 +28,10 @@ from tqdm import tqdm
 from flatstack.ceilings import matmul_flops
 from flatstack.checkpoint import load, save
 from flatstack.data import DataError, TokenData
-from flatstack.generate import generate
+from flatstack.generate import encode_prompt, generate
 from flatstack.kernels.linear_cross_entropy import linear_cross_entropy
 from flatstack.model import PRESETS, MoE, Transformer, model_stats, preset
-from flatstack.tokenizer import EOS, IM_END, chat_segments, load_tokenizer
+from flatstack.tokenizer import load_tokenizer
 
 
 class TrainingError(RuntimeError):
@@ -403,14 +403,8 @@ class Run:
         """Samples after an end-of-text token and the sample prompt; on chat data, the prompt is a user turn
         and the sample the assistant's answer."""
         cfg = self.cfg
-        eos = self.tokenizer.token_to_id(EOS)
         chat = self.train_data.masks is not None
-        if chat:
-            text = "".join(t for t, _ in chat_segments([{"role": "user", "content": cfg.sample_prompt}], True))
-        else:
-            text = cfg.sample_prompt
-        prompt = ([eos] if eos is not None else []) + self.tokenizer.encode(text, add_special_tokens=False).ids
-        stops = {i for i in (eos, self.tokenizer.token_to_id(IM_END)) if i is not None}
+        prompt, stops = encode_prompt(self.tokenizer, cfg.sample_prompt, chat)
         gen = torch.Generator().manual_seed(cfg.seed)  # its own RNG: sampling must not move the training RNG
         self.model.eval()
         texts = []
