@@ -6,6 +6,8 @@ The names below load on first use, so commands that do not need torch (prepare) 
 import importlib
 
 _EXPORTS = {
+    "LLM": "flatstack.engine",
+    "SamplingParams": "flatstack.engine",
     "load": "flatstack.checkpoint",
     "save": "flatstack.checkpoint",
     "KVCache": "flatstack.model",

@@ -468,8 +468,6 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[st
     """(config, native tensors in float32, tokenizer files) of a llama-architecture GGUF file."""
     import gguf
 
-    from flatstack.tokenizer import tokenizer_from_gguf
-
     reader, meta, cfg = open_gguf(path)
     n_heads, n_kv, eos = cfg.n_heads, cfg.n_kv_heads, cfg.eos_token_id
     tensors = {}
@@ -489,6 +487,13 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[st
         if m and m.group(2) in ("attn_q", "attn_k"):
             array = unpermute_rope_rows(array, n_heads if m.group(2) == "attn_q" else n_kv)
         tensors[native] = torch.from_numpy(np.ascontiguousarray(array))
+    return cfg, tensors, gguf_tokenizer_files(meta, eos)
+
+
+def gguf_tokenizer_files(meta: dict, eos: int | None) -> dict[str, str]:
+    """tokenizer.json (and tokenizer_config.json with the chat template) rebuilt from GGUF metadata."""
+    from flatstack.tokenizer import tokenizer_from_gguf
+
     files = {"tokenizer.json": tokenizer_from_gguf(meta).to_str()}
     if "tokenizer.chat_template" in meta:
         tokens = meta.get("tokenizer.ggml.tokens", [])
@@ -496,7 +501,16 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[st
             "chat_template": meta["tokenizer.chat_template"],
             "eos_token": tokens[eos] if eos is not None and eos < len(tokens) else None,
         }, indent=1)
-    return cfg, tensors, files
+    return files
+
+
+def tokenizer_files(path: str | os.PathLike) -> dict[str, str]:
+    """The tokenizer files of a checkpoint folder, or rebuilt from a GGUF file's metadata."""
+    path = existing_path(path)
+    if path.suffix == ".gguf" and path.is_file():
+        _, meta, cfg = open_gguf(path)
+        return gguf_tokenizer_files(meta, cfg.eos_token_id)
+    return {name: (path / name).read_text(encoding="utf-8") for name in TOKENIZER_FILES if (path / name).exists()}
 
 
 # ---------------------------------------------------------------------------------------------

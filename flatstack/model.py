@@ -199,10 +199,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Contiguous per-layer keys and values [B, n_kv_heads, max_len, head_dim].
 
-    Attention calls `update(layer, k, v, start)` with the new keys and values of positions
-    start..start+T and gets back everything cached up to start+T. The paged engine cache offers
-    the same method over block tables, so the model does not know which one it writes to.
+    Attention hands the cache its queries and the new keys and values of positions start..start+T;
+    the cache stores them and runs `attend` over everything cached up to start+T. The engine's paged
+    cache offers the same `attend` over block tables (and its own `positions`), so the model does not
+    know which one it writes to.
     """
+
+    positions = None  # the contiguous cache follows `start`; a paged batch carries per-token positions
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device=None):
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -210,13 +213,13 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.max_len = max_len
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
+    def attend(self, layer: int, q, k, v, start: int, attend):
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        return attend(q, self.k[layer][:, :, :end], self.v[layer][:, :, :end])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,19 +249,20 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v, start)
-        out = self.attend(q, k, v)
+        out = self.attend(q, k, v) if cache is None else cache.attend(self.layer, q, k, v, start, self.attend)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
-    def attend(self, q, k, v):
-        """q: [B, H, T, D]; k, v: [B, Hkv, S, D]; the T queries are the last T of the S positions."""
+    def attend(self, q, k, v, mask: torch.Tensor | None = None):
+        """q: [B, H, T, D]; k, v: [B, Hkv, S, D]. Without a mask the T queries are the last T of the S
+        positions (causal, within the sliding window); a boolean mask broadcast to [B, H, T, S] (True:
+        visible) replaces that, for batches whose sequences end at different lengths."""
         cfg = self.cfg
         T, S = q.shape[2], k.shape[2]
         window = cfg.sliding_window
-        if cfg.attn_logit_softcap is None and window is None:
+        if cfg.attn_logit_softcap is None and (window is None or mask is not None):
             # Fast path: fused attention; a bottom-right causal mask when queries are the last T keys.
-            mask = None if T == S else causal_mask(T, S, None, q.device)
+            if mask is None and T != S:
+                mask = causal_mask(T, S, None, q.device)
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=self.scale,
                 enable_gqa=cfg.n_heads != cfg.n_kv_heads,
@@ -270,7 +274,9 @@ class Attention(nn.Module):
         if cfg.attn_logit_softcap is not None:
             cap = cfg.attn_logit_softcap
             logits = cap * torch.tanh(logits / cap)
-        logits = logits.masked_fill(~causal_mask(T, S, window, q.device), float("-inf"))
+        if mask is None:
+            mask = causal_mask(T, S, window, q.device)
+        logits = logits.masked_fill(~mask, float("-inf"))
         return torch.softmax(logits, dim=-1).to(v.dtype) @ v
 
 
@@ -408,12 +414,14 @@ class Transformer(nn.Module):
         cfg = self.cfg
         check_tokens(tokens, cfg.vocab_size)
         T = tokens.shape[1]
-        if start + T > cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} positions exceeds max_seq_len={cfg.max_seq_len}")
+        positions = None if cache is None else cache.positions
+        if positions is None:
+            if start + T > cfg.max_seq_len:
+                raise ValueError(f"sequence of {start + T} positions exceeds max_seq_len={cfg.max_seq_len}")
+            positions = torch.arange(start, start + T, device=tokens.device)
         x = self.tok_embeddings(tokens)
         if cfg.embedding_multiplier != 1.0:
             x = x * cfg.embedding_multiplier
-        positions = torch.arange(start, start + T, device=tokens.device)
         cos, sin = rope_cos_sin(rope_frequencies(cfg, tokens.device), positions, x.dtype)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
@@ -423,12 +431,17 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, start, cache)
         return self.norm(x)
 
-    def forward(self, tokens: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        """tokens [B, T] int64 -> logits [B, T, V]. With a cache, tokens sit at positions start.."""
-        logits = F.linear(self.hidden(tokens, start, cache), self.head_weight)
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head: final hidden states [..., D] -> logits [..., V]."""
+        logits = F.linear(hidden, self.head_weight)
         if self.cfg.output_multiplier != 1.0:
             logits = logits * self.cfg.output_multiplier
         return logits
+
+    def forward(self, tokens: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens [B, T] int64 -> logits [B, T, V]. With a cache, tokens sit at positions start.. (or at
+        the cache's own per-token positions)."""
+        return self.logits(self.hidden(tokens, start, cache))
 
 
 def check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:

@@ -132,3 +132,38 @@ def check_messages(messages, where: str) -> list[dict]:
             raise TokenizerError(f"{where}: message {i} has unknown role {m.get('role')!r}; "
                                  f"roles: {', '.join(CHAT_ROLES)}")
     return messages
+
+
+def chat_template_of(files: dict[str, str], tok: Tokenizer) -> str | None:
+    """A checkpoint's chat template: tokenizer_config.json's, chat_template.jinja, or ChatML when the
+    tokenizer has its markers (every chat model flatstack trains)."""
+    import json
+
+    if "chat_template.jinja" in files:
+        return files["chat_template.jinja"]
+    if "tokenizer_config.json" in files:
+        template = json.loads(files["tokenizer_config.json"]).get("chat_template")
+        if isinstance(template, list):  # the named-templates form: take the default
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template:
+            return template
+    if tok.token_to_id(IM_START) is not None and tok.token_to_id(IM_END) is not None:
+        return CHAT_TEMPLATE
+    return None
+
+
+def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, **special) -> str:
+    """Render messages through a Jinja chat template in a sandbox, as Hugging Face does."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TokenizerError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                **special)
+    except TemplateError as e:
+        raise TokenizerError(f"chat template failed: {e}") from e
