@@ -21,7 +21,7 @@ from flatstack.engine.block_manager import BlockManager
 from flatstack.engine.runner import ModelRunner, kv_bytes_per_token
 from flatstack.engine.sampling import RequestError, SamplingParams, TokenLogprob, sample, token_logprob
 from flatstack.engine.scheduler import Scheduler
-from flatstack.engine.sequence import Sequence, Status
+from flatstack.engine.sequence import Sequence
 from flatstack.model import Transformer
 from flatstack.tokenizer import EOS, IM_END, chat_template_of, render_chat
 
@@ -106,11 +106,8 @@ class LLM:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if self.chat_template is None:
             raise RequestError("this model has no chat template")
-        tok = self.tokenizer
-        special = {"bos_token": "", "eos_token": ""}
-        for name, token_id in (("bos_token", self.model.cfg.bos_token_id), ("eos_token", min(self.eos_ids, default=None))):
-            if token_id is not None:
-                special[name] = tok.id_to_token(token_id) or ""
+        ids = {"bos_token": self.model.cfg.bos_token_id, "eos_token": min(self.eos_ids, default=None)}
+        special = {name: (self.tokenizer.id_to_token(i) if i is not None else None) or "" for name, i in ids.items()}
         return render_chat(self.chat_template, messages, add_generation_prompt, **special)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
