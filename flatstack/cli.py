@@ -217,19 +217,120 @@ def cmd_train(args, extra: list[str]) -> None:
         raise SystemExit(130)
 
 
-def cmd_generate(args) -> None:
+def add_engine_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("model", help="a native checkpoint, a Hugging Face folder or a .gguf file")
+    s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights dtype (default: as stored)")
+    s.add_argument("--device", help="cpu or cuda (default cpu)")
+    s.add_argument("--kv-cache-memory", type=parse_size, default="1G", help="bytes of KV cache (default 1G)")
+    s.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    s.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step (default 64)")
+    s.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (default 512)")
+    s.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt blocks")
+
+
+def add_sampling_args(s: argparse.ArgumentParser, temperature: float) -> None:
+    s.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=temperature)
+    s.add_argument("--top-k", type=int, default=0, help="0: all tokens")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--min-p", type=float, default=0.0)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--presence-penalty", type=float, default=0.0)
+    s.add_argument("--frequency-penalty", type=float, default=0.0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    s.add_argument("--ignore-eos", action="store_true")
+    s.add_argument("--logprobs", type=int, default=None, help="log-probabilities of the chosen and top-N tokens")
+
+
+def engine_from_args(args):
     import torch
 
-    from flatstack.checkpoint import load
-    from flatstack.generate import encode_prompt, generate
-    from flatstack.tokenizer import load_tokenizer
+    from flatstack.engine import LLM
 
-    model = load(args.checkpoint)
-    tok = load_tokenizer(args.checkpoint)
-    ids, stops = encode_prompt(tok, args.prompt, args.chat)
-    gen = torch.Generator().manual_seed(args.seed)
-    out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, stops, gen)
-    print(("" if args.chat else args.prompt) + tok.decode(out))
+    return LLM(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device,
+               kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens, prefix_caching=not args.no_prefix_caching)
+
+
+def sampling_from_args(args):
+    from flatstack.engine import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
+        logprobs=args.logprobs)
+
+
+def read_prompts(path: str) -> list[str | list[dict]]:
+    """A prompts file: JSON Lines with "prompt" or "messages" per line, or else one prompt per line."""
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.lstrip().startswith("{"):
+            prompts.append(line)
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CommandError(f"{path}:{n}: not JSON: {e}") from None
+        if isinstance(record.get("prompt"), str):
+            prompts.append(record["prompt"])
+        elif isinstance(record.get("messages"), list):
+            prompts.append(record["messages"])
+        else:
+            raise CommandError(f"{path}:{n}: a JSON line needs a string 'prompt' or a 'messages' list")
+    return prompts
+
+
+def cmd_generate(args) -> None:
+    prompts: list[str | list[dict]] = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file
+                                                          else [])
+    if not prompts:
+        raise CommandError("give prompts with --prompt TEXT (repeatable) or --prompts-file FILE")
+    params = sampling_from_args(args)
+    llm = engine_from_args(args)
+    rendered = [llm.apply_chat_template(p if isinstance(p, list) else [{"role": "user", "content": p}])
+                if args.chat or isinstance(p, list) else p for p in prompts]
+    outs = llm.generate(rendered, params, progress=len(prompts) > 1 and sys.stderr.isatty())
+    for prompt, out in zip(prompts, outs, strict=True):
+        if not args.jsonl:
+            print(("" if args.chat or isinstance(prompt, list) else prompt) + out.text)
+            continue
+        record = {"prompt": prompt, "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+                  "prompt_tokens": len(out.prompt_token_ids), "cached_prompt_tokens": out.num_cached_tokens}
+        if out.logprobs is not None:
+            record["logprobs"] = [{"token_id": lp.token_id, "logprob": lp.logprob, "top": lp.top}
+                                  for lp in out.logprobs]
+        print(json.dumps(record, ensure_ascii=False), flush=True)
+
+
+def cmd_chat(args) -> None:
+    """An interactive chat in the terminal: the model's chat template, tokens printed as they come."""
+    llm = engine_from_args(args)
+    params = sampling_from_args(args)
+    llm.apply_chat_template([{"role": "user", "content": ""}])  # fail now if there is no template
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("flatstack chat: an empty line or Ctrl-D ends it; Ctrl-C stops an answer.", file=sys.stderr)
+    while True:
+        try:
+            text = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if not text.strip():
+            return
+        messages.append({"role": "user", "content": text})
+        answer = ""
+        try:
+            for out in llm.stream(llm.apply_chat_template(messages), params):
+                print(out.delta_text, end="", flush=True)
+                answer = out.text
+        except KeyboardInterrupt:
+            pass  # the stream's own cleanup aborts the request
+        print()
+        messages.append({"role": "assistant", "content": answer})
 
 
 def cmd_bench(args) -> None:
@@ -292,15 +393,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue RUN_DIR from its last checkpoint")
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("generate", help="sample from a checkpoint")
-    s.add_argument("checkpoint")
-    s.add_argument("--prompt", default="")
-    s.add_argument("--max-new-tokens", type=int, default=200)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=50)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    s = sub.add_parser("generate", help="generate from a model with the batching engine")
+    add_engine_args(s)
+    s.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    s.add_argument("--prompts-file", help="one prompt per line, or JSON Lines with 'prompt' or 'messages'")
+    s.add_argument("--chat", action="store_true", help="send each prompt as a user turn through the chat template")
+    s.add_argument("--jsonl", action="store_true", help="one JSON object per prompt: text, token ids, finish "
+                   "reason, prompt and cached tokens (and logprobs)")
+    add_sampling_args(s, temperature=0.8)
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("chat", help="chat with a model in the terminal, streaming its answers")
+    add_engine_args(s)
+    s.add_argument("--system", help="a system message to start with")
+    add_sampling_args(s, temperature=0.7)
+    s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("bench", help="benchmarks against this machine's ceilings and a same-run baseline")
     s.add_argument("what", choices=("train",))

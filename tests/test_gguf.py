@@ -10,8 +10,8 @@ import torch
 from conftest import rel_err
 
 import flatstack
+from flatstack import LLM, SamplingParams
 from flatstack.checkpoint import CheckpointError, convert
-from flatstack.generate import generate
 from flatstack.tokenizer import load_tokenizer
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
@@ -54,20 +54,35 @@ def test_tokenizer_matches(converted, reference):
 
 
 def test_prompt_logits_and_greedy_tokens_match(converted, reference):
+    """Prompt logits from the model, then 64 greedy tokens from the engine, all three prompts in one batch
+    (the chat prompt rendered by flatstack's own Jinja rendering of the file's template)."""
     hf_tok, hf_model = reference
-    model = flatstack.load(converted)
-    tok = load_tokenizer(converted)
-    for text in prompts(hf_tok):
-        ids = tok.encode(text, add_special_tokens=False).ids
+    llm = LLM(converted)
+    chat = llm.apply_chat_template(CHAT)
+    assert chat == hf_tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    texts = PROMPTS + [chat]
+    outs = llm.generate(texts, SamplingParams(temperature=0, max_tokens=64))
+    for text, out in zip(texts, outs, strict=True):
+        ids = llm.tokenizer.encode(text, add_special_tokens=False).ids
+        assert out.prompt_token_ids == ids
         with torch.no_grad():
             ref = hf_model(torch.tensor([ids])).logits
-            ours = model(torch.tensor([ids]))
+            ours = llm.model(torch.tensor([ids]))
         assert rel_err(ours, ref) <= 1e-4, (text, rel_err(ours, ref))
         hf_out = hf_model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False,
                                    attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
-        if hf_out and hf_out[-1] == model.cfg.eos_token_id:
+        if hf_out and hf_out[-1] == llm.model.cfg.eos_token_id:
             hf_out = hf_out[:-1]
-        assert generate(model, ids, 64, temperature=0, stop_ids={model.cfg.eos_token_id}) == hf_out, text
+        assert out.token_ids == hf_out, text
+        assert out.text == hf_tok.decode(hf_out, skip_special_tokens=True)
+
+
+def test_engine_loads_the_gguf_file_directly(converted):
+    direct = LLM(smollm2_gguf(), kv_cache_memory=64 << 20)
+    native = LLM(converted, kv_cache_memory=64 << 20)
+    assert direct.chat_template == native.chat_template is not None
+    params = SamplingParams(temperature=0, max_tokens=8)
+    assert direct.generate(PROMPTS[0], params)[0].token_ids == native.generate(PROMPTS[0], params)[0].token_ids
 
 
 def test_native_copy_loads_like_the_gguf(converted):
