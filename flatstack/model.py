@@ -252,32 +252,29 @@ class Attention(nn.Module):
         out = self.attend(q, k, v) if cache is None else cache.attend(self.layer, q, k, v, start, self.attend)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
-    def attend(self, q, k, v, mask: torch.Tensor | None = None):
-        """q: [B, H, T, D]; k, v: [B, Hkv, S, D]. Without a mask the T queries are the last T of the S
-        positions (causal, within the sliding window); a boolean mask broadcast to [B, H, T, S] (True:
-        visible) replaces that, for batches whose sequences end at different lengths."""
+    def attend(self, q, k, v):
+        """q: [B, H, T, D]; k, v: [B, Hkv, S, D]; the T queries are the last T of the S positions (causal,
+        within the sliding window)."""
         cfg = self.cfg
-        T, S = q.shape[2], k.shape[2]
-        window = cfg.sliding_window
-        if cfg.attn_logit_softcap is None and (window is None or mask is not None):
+        B, H, T, D = q.shape
+        S, Hkv = k.shape[2], k.shape[1]
+        if cfg.attn_logit_softcap is None and cfg.sliding_window is None:
             # Fast path: fused attention; a bottom-right causal mask when queries are the last T keys.
-            if mask is None and T != S:
-                mask = causal_mask(T, S, None, q.device)
             return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=self.scale,
-                enable_gqa=cfg.n_heads != cfg.n_kv_heads,
+                q, k, v, attn_mask=None if T == S else causal_mask(T, S, None, q.device), is_causal=T == S > 1,
+                scale=self.scale, enable_gqa=H != Hkv,
             )
-        group = cfg.n_heads // cfg.n_kv_heads
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-        logits = (q @ k.transpose(-1, -2)).float() * self.scale
+        # The queries sharing a KV head go together as rows of one matmul, so keys and values are
+        # never repeated per query head: [B, Hkv, group * T, D] @ [B, Hkv, D, S].
+        group = H // Hkv
+        logits = (q.reshape(B, Hkv, group * T, D) @ k.transpose(-1, -2)).float() * self.scale
+        logits = logits.view(B, Hkv, group, T, S)
         if cfg.attn_logit_softcap is not None:
             cap = cfg.attn_logit_softcap
             logits = cap * torch.tanh(logits / cap)
-        if mask is None:
-            mask = causal_mask(T, S, window, q.device)
-        logits = logits.masked_fill(~mask, float("-inf"))
-        return torch.softmax(logits, dim=-1).to(v.dtype) @ v
+        mask = causal_mask(T, S, cfg.sliding_window, q.device)
+        probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).to(v.dtype)
+        return (probs.view(B, Hkv, group * T, S) @ v).view(B, H, T, D)
 
 
 def causal_mask(T: int, S: int, window: int | None, device) -> torch.Tensor:
@@ -380,13 +377,18 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # an uninitialised table (init_weights or a checkpoint fills it): on the meta device, the default
+        # normal_ init alone would import a second of torch's reference decompositions
+        table = torch.empty(cfg.vocab_size, cfg.d_model)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=table)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         if not cfg.tied_embeddings:
             self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # Training memory for compute: recompute each block's activations in the backward pass.
         self.activation_checkpointing = False
+        # Inference may swap the LM head for a fused or quantised one (engine/runner.py); None: head_weight.
+        self.inference_head: nn.Module | None = None
 
     def init_weights(self, seed: int | None = None, std: float = 0.02) -> Transformer:
         """Normal(0, std) matrices, residual outputs scaled by 1/sqrt(2 * n_layers), unit norms."""
@@ -433,7 +435,8 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head: final hidden states [..., D] -> logits [..., V]."""
-        logits = F.linear(hidden, self.head_weight)
+        head = self.inference_head
+        logits = F.linear(hidden, self.head_weight) if head is None else head(hidden)
         if self.cfg.output_multiplier != 1.0:
             logits = logits * self.cfg.output_multiplier
         return logits

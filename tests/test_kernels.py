@@ -30,3 +30,43 @@ def test_linear_cross_entropy_without_grad_only_computes_the_loss():
     t = torch.randint(0, 11, (5,))
     with torch.no_grad():
         torch.testing.assert_close(lce.linear_cross_entropy(h, w, t), lce.reference(h, w, t))
+
+
+@pytest.mark.parametrize("kind", ["float", "int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 3, 40])  # the fused reduction (few rows) and the GEMM path
+def test_inference_linears_match_their_reference(kind, rows):
+    from flatstack.kernels.linear import LINEARS
+
+    gen = torch.Generator().manual_seed(1)
+    w, b = torch.randn(96, 64, generator=gen), torch.randn(96, generator=gen)
+    x = torch.randn(2, rows, 64, generator=gen)
+    layer = LINEARS[kind](w, b)
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x, w, b) if kind == "float" else layer.reference(x)
+        out = layer(x)
+    assert out.shape == (2, rows, 96)
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@pytest.mark.parametrize("kind, bound", [("int8", 0.01), ("int4", 0.1)])
+def test_quantised_weights_stay_close_to_float(kind, bound):
+    from flatstack.kernels.linear import LINEARS
+
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(2))
+    deq = LINEARS[kind](w).dequantize()
+    assert ((deq - w).norm() / w.norm()).item() <= bound
+
+
+@pytest.mark.parametrize("softcap, window", [(None, None), (30.0, None), (None, 5)])
+def test_paged_decode_attention_matches_reference(softcap, window):
+    from flatstack.kernels import paged_attention as pa
+
+    gen = torch.Generator().manual_seed(3)
+    Hkv, blocks, bs, D, H = 2, 12, 4, 8, 6
+    k_pool, v_pool = torch.randn(2, Hkv, blocks, bs, D, generator=gen)
+    q = torch.randn(3, H, D, generator=gen)
+    tables = torch.tensor([[5, 2, 9, 0], [1, 0, 0, 0], [11, 3, 7, 4]])  # padded with block 0
+    lengths = torch.tensor([11, 3, 16])
+    ref = pa.reference(q, k_pool, v_pool, tables, lengths, 0.3, softcap, window)
+    out = pa.paged_decode_attention(q, k_pool, v_pool, tables, lengths, 0.3, softcap, window)
+    assert (out - ref).abs().max() <= 1e-5

@@ -55,6 +55,7 @@ class LLM:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 512,
         prefix_caching: bool = True,
+        quantize: str | None = None,
         seed: int | None = None,
     ):
         from flatstack.checkpoint import load, tokenizer_files
@@ -85,7 +86,9 @@ class LLM:
                              f"({block_size * kv_bytes_per_token(self.model, weight.dtype)} bytes)")
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, num_blocks, block_size)
+        if quantize not in (None, "int8", "int4"):
+            raise ValueError(f"quantize must be int8 or int4; got {quantize!r}")
+        self.runner = ModelRunner(self.model, num_blocks, block_size, quantize or "float")
         eos = cfg.eos_token_id
         if eos is None:
             eos = [i for i in (self.tokenizer.token_to_id(EOS), self.tokenizer.token_to_id(IM_END)) if i is not None]

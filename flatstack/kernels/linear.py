@@ -1,0 +1,138 @@
+"""Linear layers for inference: float, weight-only int8 (per output channel) and int4 (group-wise).
+
+Decoding multiplies a few rows by every weight matrix once per token, so it is bound by the bytes of
+weight read, not by arithmetic. On this project's CPUs the BLAS matrix-vector path reads float32
+weights at about a third of the memory bandwidth, and torch's packed int8/int4 CPU kernels are slower
+still where there is no AVX-512. The fast path here is one fused reduction per product, compiled by
+TorchInductor into a vectorised C++ loop: each weight byte is read once, and quantised weights are
+unpacked and scaled inside the loop, so int8 reads a quarter and int4 an eighth of float32's bytes.
+Many rows (a prompt) are compute-bound: they go through the BLAS GEMM, on float weights (dequantised
+for the call when quantised).
+
+Each layer's `reference` is the plain torch form the tests hold the fast path to.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FEW_ROWS = 8  # at most this many rows take the fused reduction
+INT4_GROUP = 32
+
+
+@functools.cache
+def fused(kind: str):
+    """The compiled reduction for one weight format (compiled once per process, shapes symbolic)."""
+
+    def float_rows(x, w):
+        return (x[:, None, :] * w[None]).sum(-1)
+
+    def int8_rows(x, q, scale):
+        return (x[:, None, :] * q[None].float()).sum(-1) * scale
+
+    def int4_rows(x, packed, scale, low):
+        # a group's byte j holds its weights j (low nibble) and j + g/2 (high): both halves of x are
+        # contiguous runs, so the loop vectorises
+        M, K = x.shape
+        N, groups = scale.shape
+        xg = x.view(M, 1, groups, 2, -1)
+        p = packed.view(1, N, groups, -1)
+        lo, hi = (p & 15).float(), (p >> 4).float()
+        dot = (lo * xg[:, :, :, 0] + hi * xg[:, :, :, 1]).sum(-1)  # [M, N, groups]
+        return (dot * scale.float() + xg.sum((-1, -2)) * low.float()).sum(-1)
+
+    fn = {"float": float_rows, "int8": int8_rows, "int4": int4_rows}[kind]
+    return torch.compile(fn, dynamic=True)
+
+
+def use_fused(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.numel() // x.shape[-1] <= FEW_ROWS and not torch.is_grad_enabled()
+
+
+def rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+class FloatLinear(nn.Module):
+    """A float weight [N, K]; few rows through the fused reduction."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("weight", weight)  # a buffer: dynamo keeps parameter shapes static
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not use_fused(x):
+            return F.linear(x, self.weight, self.bias)
+        y = fused("float")(rows(x), self.weight).view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Linear(nn.Module):
+    """Symmetric int8 weights with one float scale per output channel: w = q * scale."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        w = weight.float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("q", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(weight.dtype))
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.to(self.scale.dtype) * self.scale[:, None]
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(), self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not use_fused(x):
+            return self.reference(x)
+        y = fused("int8")(rows(x), self.q, self.scale).to(x.dtype).view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(nn.Module):
+    """Asymmetric int4 weights in groups of 32 along the input: w = low + q * scale, q in 0..15, two
+    weights to a byte (a group's byte j: weight j in the low nibble, j + 16 in the high); scale and low
+    in float16 per group."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group: int = INT4_GROUP):
+        super().__init__()
+        N, K = weight.shape
+        if K % group:
+            raise ValueError(f"int4 needs the input size ({K}) to be a multiple of the group size {group}")
+        w = weight.float().view(N, K // group, group)
+        low, high = w.amin(-1), w.amax(-1)
+        scale = ((high - low) / 15).clamp(min=1e-8).half()
+        low = low.half()
+        q = ((w - low.float()[..., None]) / scale.float()[..., None]).round().clamp(0, 15).to(torch.uint8)
+        half = group // 2
+        self.register_buffer("packed", (q[..., :half] | (q[..., half:] << 4)).reshape(N, K // 2))
+        self.register_buffer("scale", scale)
+        self.register_buffer("low", low)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.out_dtype = weight.dtype
+
+    def dequantize(self) -> torch.Tensor:
+        N, groups = self.scale.shape
+        p = self.packed.view(N, groups, -1)
+        q = torch.cat([p & 15, p >> 4], dim=-1).float()
+        w = q * self.scale.float()[..., None] + self.low.float()[..., None]
+        return w.view(N, -1).to(self.out_dtype)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(), self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not use_fused(x):
+            return self.reference(x)
+        y = fused("int4")(rows(x).float(), self.packed, self.scale, self.low).to(x.dtype).view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+LINEARS = {"float": FloatLinear, "int8": Int8Linear, "int4": Int4Linear}
