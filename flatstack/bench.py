@@ -3,6 +3,12 @@ baseline measured in the same run, and the ratio.
 
 `flatstack bench train`: training tokens/s, MFU and peak memory of flatstack's training step beside a
 plain eager PyTorch loop over the same model, for a dense model and a Grok-style MoE.
+
+`flatstack bench decode MODEL`: batch-1 decode tokens/s against the memory-bandwidth roofline (bytes
+each token reads over the measured read bandwidth), beside Hugging Face transformers' `generate`.
+
+`flatstack bench throughput MODEL`: an offline batch of requests with random prompt and output lengths
+(ignore EOS), total output tokens/s and MFU, beside transformers' batched `generate` on the same requests.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flatstack.ceilings import matmul_flops, sync
+from flatstack.ceilings import matmul_flops, memory_bandwidth, sync
 from flatstack.model import ModelConfig, Transformer, model_stats
 from flatstack.train import TrainConfig, build_optimizers, keep_freed_memory, optimizer_step
 
@@ -157,3 +163,160 @@ def print_train_report(report: dict) -> None:
               f"(MFU {b['mfu']:.1%}, {b['peak_memory_bytes'] / 2**20:.0f} MiB), flatstack {f['tokens_per_s']:.0f} "
               f"tok/s (MFU {f['mfu']:.1%}, {f['peak_memory_bytes'] / 2**20:.0f} MiB): x{r['speedup']:.2f}")
     print(json.dumps(report, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# inference
+
+
+def device_name(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def hf_reference(path: str, dtype: torch.dtype):
+    """The same model in Hugging Face transformers: a .gguf file (dequantised by transformers) or an HF
+    folder. A native flatstack checkpoint has no transformers twin, so the baseline needs one of those."""
+    import transformers
+
+    p = Path(path)
+    if p.suffix == ".gguf":
+        return transformers.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype).eval()
+    if (p / "config.json").exists() and "flatstack_format" not in (p / "config.json").read_text():
+        return transformers.AutoModelForCausalLM.from_pretrained(p, dtype=dtype).eval()
+    raise ValueError(f"{path}: the transformers baseline needs a .gguf file or a Hugging Face folder")
+
+
+def bytes_per_decode_token(model: Transformer, context: float) -> int:
+    """Weight bytes one decode step reads (every matrix once; of the embedding table, one row unless it
+    is also the LM head) plus the keys and values of `context` cached positions."""
+    from flatstack.engine.runner import kv_bytes_per_token
+
+    skip = {"tok_embeddings.weight"} if (model.inference_head is not None or not model.cfg.tied_embeddings) else set()
+    if model.inference_head is not None:
+        skip.add("output.weight")
+    state = model.state_dict()
+    weights = sum(t.nbytes for name, t in state.items() if name not in skip and not name.startswith("inference_head."))
+    if model.inference_head is not None:
+        weights += sum(t.nbytes for t in model.inference_head.state_dict().values())
+    return int(weights + context * kv_bytes_per_token(model, model.tok_embeddings.weight.dtype))
+
+
+def random_prompt(vocab_size: int, n: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(min(100, vocab_size - 1), vocab_size, (n,), generator=gen).tolist()
+
+
+def bench_decode(model_path: str, prompt_tokens: int = 128, max_tokens: int = 128, quantize: str | None = None,
+                 baseline: bool = True) -> dict:
+    from flatstack.engine import LLM, SamplingParams
+
+    bandwidth = memory_bandwidth("cpu")
+    llm = LLM(model_path, quantize=quantize, kv_cache_memory=256 << 20)
+    model = llm.model
+    prompt = random_prompt(model.cfg.vocab_size, prompt_tokens, 0)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    llm.generate(prompt[:16], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))  # warm-up, compile
+    t0 = time.perf_counter()
+    stamps = [time.perf_counter() for _ in llm.stream(prompt, params)]
+    ours = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    per_token = bytes_per_decode_token(model, prompt_tokens + max_tokens / 2)
+    roofline = bandwidth / per_token
+    report = {
+        "benchmark": "decode",
+        "device": device_name(torch.device("cpu")),
+        "model": model_path,
+        "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
+        "weights": quantize or "float",
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": max_tokens,
+        "ceiling": {"memory_read_bandwidth_bytes_per_s": bandwidth},
+        "bytes_per_token": per_token,
+        "roofline_tokens_per_s": roofline,
+        "flatstack": {"decode_tokens_per_s": ours, "fraction_of_roofline": ours / roofline,
+                      "time_to_first_token_s": stamps[0] - t0},
+    }
+    if baseline:
+        hf = hf_reference(model_path, torch.float32)
+        ids = torch.tensor([prompt])
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            hf.generate(ids[:, :16], attention_mask=mask[:, :16], max_new_tokens=8, do_sample=False)  # warm-up
+            t0 = time.perf_counter()
+            hf.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False)
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            hf.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                        do_sample=False)
+            total = time.perf_counter() - t0
+        import transformers
+
+        theirs = (max_tokens - 1) / (total - first)
+        report["baseline"] = {"name": f"transformers {transformers.__version__} generate, float32",
+                              "decode_tokens_per_s": theirs, "fraction_of_roofline": theirs / roofline,
+                              "time_to_first_token_s": first}
+        report["ratio"] = ours / theirs
+    return report
+
+
+def throughput_requests(vocab_size: int, num: int, prompt_range: tuple[int, int], output_range: tuple[int, int],
+                        seed: int) -> list[tuple[list[int], int]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(num):
+        n = int(torch.randint(prompt_range[0], prompt_range[1] + 1, (1,), generator=gen))
+        m = int(torch.randint(output_range[0], output_range[1] + 1, (1,), generator=gen))
+        out.append((random_prompt(vocab_size, n, seed * 100_003 + i), m))
+    return out
+
+
+def bench_throughput(model_path: str, num_requests: int = 32, prompt_range: tuple[int, int] = (64, 256),
+                     output_range: tuple[int, int] = (32, 128), quantize: str | None = None, baseline: bool = True,
+                     baseline_batch: int = 8, seed: int = 0) -> dict:
+    from flatstack.engine import LLM, SamplingParams
+    from flatstack.model import model_stats
+
+    peak = matmul_flops("cpu", torch.float32)
+    llm = LLM(model_path, quantize=quantize, kv_cache_memory=2 << 30)
+    cfg = llm.model.cfg
+    requests = throughput_requests(cfg.vocab_size, num_requests, prompt_range, output_range, seed)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in requests]
+    llm.generate(requests[0][0][:16], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate([p for p, _ in requests], params)
+    ours_s = time.perf_counter() - t0
+    output_tokens = sum(len(o.token_ids) for o in outs)
+    prompt_tokens = sum(len(p) for p, _ in requests)
+    stats = model_stats(cfg, prompt_range[1] + output_range[1])
+    flops = 2 * stats.active_params * (prompt_tokens + output_tokens)
+    report = {
+        "benchmark": "throughput",
+        "device": device_name(torch.device("cpu")),
+        "model": model_path,
+        "weights": quantize or "float",
+        "requests": num_requests, "prompt_range": list(prompt_range), "output_range": list(output_range),
+        "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+        "ceiling": {"matmul_flops": peak, "dtype": "float32"},
+        "flatstack": {"seconds": ours_s, "output_tokens_per_s": output_tokens / ours_s,
+                      "mfu": flops / ours_s / peak, "preemptions": llm.scheduler.num_preemptions},
+    }
+    if baseline:
+        import transformers
+
+        hf = hf_reference(model_path, torch.float32)
+        t0 = time.perf_counter()
+        for i in range(0, len(requests), baseline_batch):
+            batch = requests[i : i + baseline_batch]
+            width = max(len(p) for p, _ in batch)
+            ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in batch])  # left-padded
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
+            longest = max(m for _, m in batch)
+            with torch.no_grad():
+                hf.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+                            do_sample=False, pad_token_id=0)
+        theirs_s = time.perf_counter() - t0
+        report["baseline"] = {
+            "name": f"transformers {transformers.__version__} generate, float32, static batches of {baseline_batch} "
+                    "(left-padded; each batch runs to its longest output)",
+            "seconds": theirs_s, "output_tokens_per_s": output_tokens / theirs_s, "mfu": flops / theirs_s / peak}
+        report["ratio"] = theirs_s / ours_s
+    return report

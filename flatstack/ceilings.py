@@ -1,5 +1,6 @@
 """The ceilings of the machine this runs on, measured rather than looked up: matmul FLOP/s in a dtype,
-which training reports MFU against. (Memory bandwidth, for decode, comes with the inference engine.)
+which training and batched inference report MFU against, and memory read bandwidth, the roofline of
+decoding.
 
 Its own module because both the trainer and the benchmarks need it, and the benchmarks import the trainer.
 """
@@ -36,3 +37,11 @@ def matmul_flops(device: str | torch.device = "cpu", dtype: torch.dtype = torch.
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n**3 / best_seconds(lambda: a @ b, device, repeats)
+
+
+def memory_bandwidth(device: str | torch.device = "cpu", nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Best observed bytes/s of reading a buffer far larger than the caches (a float32 sum over 512 MiB):
+    decoding is a read of every weight per token, so a read is the ceiling it is measured against."""
+    device = torch.device(device)
+    x = torch.ones(nbytes // 4, device=device)
+    return nbytes / best_seconds(lambda: x.sum(), device, repeats)

@@ -334,11 +334,24 @@ def cmd_chat(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from flatstack.bench import bench_train, print_train_report
+    from flatstack import bench
 
-    report = bench_train(small=args.small, batch=args.batch, warmup=args.warmup, steps=args.steps,
-                         compile=not args.no_compile, device=args.device)
-    print_train_report(report)
+    if args.what == "train":
+        report = bench.bench_train(small=args.small, batch=args.batch, warmup=args.warmup, steps=args.steps,
+                                   compile=not args.no_compile, device=args.device)
+        bench.print_train_report(report)
+    else:
+        if not args.model:
+            raise CommandError(f"bench {args.what} needs --model (a .gguf file or a Hugging Face folder for the "
+                               "transformers baseline; a native checkpoint with --no-baseline)")
+        if args.what == "decode":
+            report = bench.bench_decode(args.model, args.prompt_tokens, args.max_tokens, args.quantize,
+                                        not args.no_baseline)
+        else:
+            report = bench.bench_throughput(args.model, args.num_requests, tuple(args.prompt_range),
+                                            tuple(args.output_range), args.quantize, not args.no_baseline,
+                                            args.baseline_batch)
+        print(json.dumps(report, indent=1))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=1) + "\n")
 
@@ -410,14 +423,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("bench", help="benchmarks against this machine's ceilings and a same-run baseline")
-    s.add_argument("what", choices=("train",))
-    s.add_argument("--small", action="store_true", help="tiny models: a quick check that it runs")
-    s.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
-    s.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    s.add_argument("--steps", type=int, default=3, help="timed steps; the median is reported (default 3)")
-    s.add_argument("--no-compile", action="store_true", help="flatstack without torch.compile")
-    s.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    s.add_argument("what", choices=("train", "decode", "throughput"))
     s.add_argument("--json-out", help="also write the JSON report here")
+    s.add_argument("--small", action="store_true", help="train: tiny models, a quick check that it runs")
+    s.add_argument("--batch", type=int, default=8, help="train: sequences per step (default 8)")
+    s.add_argument("--warmup", type=int, default=2, help="train: untimed steps first (default 2)")
+    s.add_argument("--steps", type=int, default=3, help="train: timed steps; the median is reported (default 3)")
+    s.add_argument("--no-compile", action="store_true", help="train: flatstack without torch.compile")
+    s.add_argument("--device", help="train: cpu or cuda (default: cuda if available)")
+    s.add_argument("--model", help="decode, throughput: a .gguf file, a Hugging Face folder or a checkpoint")
+    s.add_argument("--quantize", choices=("int8", "int4"), help="decode, throughput: weight-only quantisation")
+    s.add_argument("--no-baseline", action="store_true", help="decode, throughput: skip transformers")
+    s.add_argument("--prompt-tokens", type=int, default=128, help="decode: prompt length (default 128)")
+    s.add_argument("--max-tokens", type=int, default=128, help="decode: tokens generated (default 128)")
+    s.add_argument("--num-requests", type=int, default=32, help="throughput: requests (default 32)")
+    s.add_argument("--prompt-range", type=int, nargs=2, default=[64, 256], metavar=("MIN", "MAX"))
+    s.add_argument("--output-range", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
+    s.add_argument("--baseline-batch", type=int, default=8, help="throughput: transformers batch (default 8)")
     s.set_defaults(func=cmd_bench)
     return p
 
