@@ -450,17 +450,20 @@ def open_gguf(path: Path):
     n_heads, d_model = need("llama.attention.head_count"), need("llama.embedding_length")
     n_kv = meta.get("llama.attention.head_count_kv", n_heads)
     eos = meta.get("tokenizer.ggml.eos_token_id")
-    cfg = ModelConfig(
-        vocab_size=meta.get("llama.vocab_size", len(meta.get("tokenizer.ggml.tokens", []))),
-        d_model=d_model, n_layers=need("llama.block_count"), n_heads=n_heads, n_kv_heads=n_kv,
-        head_dim=d_model // n_heads, ffn_dim=need("llama.feed_forward_length"),
-        max_seq_len=meta.get("llama.context_length", 2048),
-        rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-        tied_embeddings="output.weight" not in names,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos,
-        extra={"source": f"gguf {meta.get('general.name', path.name)}"},
-    )
+    try:
+        cfg = ModelConfig(
+            vocab_size=meta.get("llama.vocab_size", len(meta.get("tokenizer.ggml.tokens", []))),
+            d_model=d_model, n_layers=need("llama.block_count"), n_heads=n_heads, n_kv_heads=n_kv,
+            head_dim=d_model // n_heads, ffn_dim=need("llama.feed_forward_length"),
+            max_seq_len=meta.get("llama.context_length", 2048),
+            rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+            tied_embeddings="output.weight" not in names,
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos,
+            extra={"source": f"gguf {meta.get('general.name', path.name)}"},
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its metadata does not describe a valid model: {e}") from e
     return reader, meta, cfg
 
 

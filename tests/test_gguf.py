@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import rel_err
@@ -126,3 +127,40 @@ def test_info_reads_a_gguf_file_without_its_tensors(capsys):
     assert main(["info", str(smollm2_gguf()), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert round(report["total_params"] / 1e6, 1) == 134.5
+
+
+def tiny_gguf(path: Path, arch: str, dtype, vocab: int) -> Path:
+    """A minimal GGUF file: llama metadata and one embedding tensor of the given numpy dtype."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_embedding_length(8)
+    writer.add_head_count(2)
+    writer.add_feed_forward_length(16)
+    writer.add_vocab_size(vocab)
+    writer.add_tensor("token_embd.weight", np.ones((4, 8), dtype=dtype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("truncated", "cannot read GGUF file .*truncated.gguf"),
+    ("architecture", "GGUF architecture 'gpt2' is not supported; supported: llama"),
+    ("tensor_type", "tensor 'token_embd.weight' has type I8, which cannot be dequantised"),
+    ("metadata", "does not describe a valid model: invalid ModelConfig.vocab_size=0"),
+])
+def test_bad_gguf_files_are_named(case, message, tmp_path):
+    if case == "truncated":
+        path = tmp_path / "truncated.gguf"
+        path.write_bytes(smollm2_gguf().read_bytes()[:3_000_000])
+    else:
+        path = tiny_gguf(tmp_path / f"{case}.gguf", "gpt2" if case == "architecture" else "llama",
+                         np.int8 if case == "tensor_type" else np.float32, vocab=0 if case == "metadata" else 4)
+    with pytest.raises(CheckpointError, match=message):
+        flatstack.load(path)
+    with pytest.raises(CheckpointError, match=message):
+        LLM(path)
