@@ -234,3 +234,26 @@ def test_abort_returns_blocks_at_once():
     for i in ids:
         llm.abort(i)
     assert llm.blocks.num_used == 0 and not llm.has_unfinished()
+
+
+def resident_bytes() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_resident_memory_stays_flat_over_a_long_run():
+    llm = engine(kv_cache_memory=1 << 20)
+    params = [SamplingParams(temperature=0.8, max_tokens=20 + i % 17, seed=i, ignore_eos=True) for i in range(48)]
+
+    def wave(k):
+        llm.generate([f"wave {k} request {i} " * (1 + i % 5) for i in range(48)], params)
+
+    wave(0)
+    wave(1)
+    after_warmup = resident_bytes()
+    for k in range(2, 8):
+        wave(k)
+    assert resident_bytes() - after_warmup < 16 << 20
+    assert llm.blocks.num_used == 0 and not llm.requests
