@@ -333,6 +333,15 @@ def cmd_chat(args) -> None:
         messages.append({"role": "assistant", "content": answer})
 
 
+def cmd_serve(args) -> None:
+    from flatstack.server import ServerConfig, serve
+
+    llm = engine_from_args(args)
+    name = args.served_model_name or Path(args.model).name
+    serve(llm, ServerConfig(served_model_name=name, api_key=args.api_key, max_queue=args.max_queue,
+                            max_body_bytes=args.max_body_bytes), args.host, args.port)
+
+
 def cmd_bench(args) -> None:
     from flatstack import bench
 
@@ -421,6 +430,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", help="a system message to start with")
     add_sampling_args(s, temperature=0.7)
     s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over the engine")
+    add_engine_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/ routes")
+    s.add_argument("--served-model-name", help="the model name clients ask for (default: the path's name)")
+    s.add_argument("--max-queue", type=int, default=1024, help="sequences accepted at once; past it, 503")
+    s.add_argument("--max-body-bytes", type=parse_size, default="4M", help="largest request body (default 4M)")
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("bench", help="benchmarks against this machine's ceilings and a same-run baseline")
     s.add_argument("what", choices=("train", "decode", "throughput"))

@@ -113,9 +113,10 @@ class LLM:
         special = {name: (self.tokenizer.id_to_token(i) if i is not None else None) or "" for name, i in ids.items()}
         return render_chat(self.chat_template, messages, add_generation_prompt, **special)
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Check and queue a request; a bad one raises RequestError and leaves the engine as it was."""
+    def make_sequence(self, prompt: str | list[int], params: SamplingParams | None = None,
+                      request_id: str | None = None) -> Sequence:
+        """Check a request and build its sequence, without touching the queues (so the server can check
+        requests on its own thread while the engine steps on another)."""
         params = params or SamplingParams()
         ids = self.encode(prompt)
         cfg = self.model.cfg
@@ -133,14 +134,21 @@ class LLM:
         if need > len(self.blocks.blocks):
             raise RequestError(f"the prompt and max_tokens need {need} KV blocks; the cache holds "
                                f"{len(self.blocks.blocks)} (raise --kv-cache-memory)")
-        request_id = request_id if request_id is not None else str(next(self.counter))
-        if request_id in self.requests:
-            raise RequestError(f"request id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
-        seq = Sequence(request_id, ids, len(ids), params, torch.Generator().manual_seed(seed))
-        self.requests[request_id] = seq
+        request_id = request_id if request_id is not None else str(next(self.counter))
+        return Sequence(request_id, ids, len(ids), params, torch.Generator().manual_seed(seed))
+
+    def add_sequence(self, seq: Sequence) -> str:
+        if seq.request_id in self.requests:
+            raise RequestError(f"request id {seq.request_id!r} is already in use")
+        self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
-        return request_id
+        return seq.request_id
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Check and queue a request; a bad one raises RequestError and leaves the engine as it was."""
+        return self.add_sequence(self.make_sequence(prompt, params, request_id))
 
     def abort(self, request_id: str) -> None:
         """Drop a request now; its blocks return to the pool at once."""

@@ -67,8 +67,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= number(name) <= 2:
                 raise RequestError(f"{name} must be in [-2, 2]; got {getattr(self, name)}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise RequestError(f"seed must be an integer; got {self.seed!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**63):
+            raise RequestError(f"seed must be an integer in [0, 2**63); got {self.seed!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise RequestError(f"stop strings must be non-empty strings; got {s!r}")
