@@ -327,6 +327,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
+        if e.status_code == 400:  # FastAPI could not even decode the body (not UTF-8, say)
+            return error_response(422, f"request body is not valid JSON: {e.detail}", "invalid_request_error")
         message = f"no route {request.method} {request.url.path}" if e.status_code == 404 else str(e.detail)
         return error_response(e.status_code, message, "invalid_request_error", code=str(e.status_code))
 
