@@ -345,7 +345,13 @@ def cmd_serve(args) -> None:
 def cmd_bench(args) -> None:
     from flatstack import bench
 
-    if args.what == "train":
+    if args.what == "serve":
+        if not args.url:
+            raise CommandError("bench serve needs the server's URL: flatstack bench serve http://127.0.0.1:8000")
+        report = bench.bench_serve(args.url, args.concurrency, args.num_requests, args.request_rate,
+                                   tuple(args.prompt_range), tuple(args.output_range), args.api_key)
+        print(json.dumps(report, indent=1))
+    elif args.what == "train":
         report = bench.bench_train(small=args.small, batch=args.batch, warmup=args.warmup, steps=args.steps,
                                    compile=not args.no_compile, device=args.device)
         bench.print_train_report(report)
@@ -442,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("bench", help="benchmarks against this machine's ceilings and a same-run baseline")
-    s.add_argument("what", choices=("train", "decode", "throughput"))
+    s.add_argument("what", choices=("train", "decode", "throughput", "serve"))
+    s.add_argument("url", nargs="?", help="serve: the server's URL, e.g. http://127.0.0.1:8000")
     s.add_argument("--json-out", help="also write the JSON report here")
     s.add_argument("--small", action="store_true", help="train: tiny models, a quick check that it runs")
     s.add_argument("--batch", type=int, default=8, help="train: sequences per step (default 8)")
@@ -455,7 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-baseline", action="store_true", help="decode, throughput: skip transformers")
     s.add_argument("--prompt-tokens", type=int, default=128, help="decode: prompt length (default 128)")
     s.add_argument("--max-tokens", type=int, default=128, help="decode: tokens generated (default 128)")
-    s.add_argument("--num-requests", type=int, default=32, help="throughput: requests (default 32)")
+    s.add_argument("--num-requests", type=int, default=32, help="throughput, serve: requests (default 32)")
+    s.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64],
+                   help="serve: max concurrencies to run, each a load of its own (default 1 4 16 64)")
+    s.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="serve: Poisson arrivals per second (default inf: all at once, up to the concurrency)")
+    s.add_argument("--api-key", help="serve: the server's API key")
     s.add_argument("--prompt-range", type=int, nargs=2, default=[64, 256], metavar=("MIN", "MAX"))
     s.add_argument("--output-range", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
     s.add_argument("--baseline-batch", type=int, default=8, help="throughput: transformers batch (default 8)")

@@ -462,7 +462,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{"id": config.served_model_name, "object": "model",
                                             "created": int(time.time()), "owned_by": "flatstack",
-                                            "max_model_len": cfg.max_seq_len}]}
+                                            "max_model_len": cfg.max_seq_len, "vocab_size": cfg.vocab_size}]}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):

@@ -13,3 +13,40 @@ def test_bench_train_reports_ceiling_baseline_and_ratio():
         for side in ("baseline", "flatstack"):
             assert r[side]["tokens_per_s"] > 0 and 0 < r[side]["mfu"] and r[side]["peak_memory_bytes"] > 0
         assert r["speedup"] == pytest.approx(r["flatstack"]["tokens_per_s"] / r["baseline"]["tokens_per_s"])
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    """A tiny random Llama saved by transformers, with a byte-level tokenizer: both sides load it."""
+    transformers = pytest.importorskip("transformers")
+    from flatstack.tokenizer import byte_tokenizer
+
+    folder = tmp_path_factory.mktemp("hf")
+    tok = byte_tokenizer()
+    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=256)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_bench_decode_reports_roofline_baseline_and_ratio(hf_llama):
+    from flatstack.bench import bench_decode
+
+    r = bench_decode(str(hf_llama), prompt_tokens=16, max_tokens=8)
+    assert r["ceiling"]["memory_read_bandwidth_bytes_per_s"] > 0 and r["bytes_per_token"] > 0
+    assert r["roofline_tokens_per_s"] == pytest.approx(r["ceiling"]["memory_read_bandwidth_bytes_per_s"]
+                                                       / r["bytes_per_token"])
+    for side in ("flatstack", "baseline"):
+        assert r[side]["decode_tokens_per_s"] > 0 and r[side]["fraction_of_roofline"] > 0
+    assert r["ratio"] == pytest.approx(r["flatstack"]["decode_tokens_per_s"] / r["baseline"]["decode_tokens_per_s"])
+
+
+def test_bench_throughput_reports_mfu_baseline_and_ratio(hf_llama):
+    from flatstack.bench import bench_throughput
+
+    r = bench_throughput(str(hf_llama), num_requests=6, prompt_range=(4, 12), output_range=(2, 6), baseline_batch=4)
+    assert 6 * 2 <= r["output_tokens"] <= 6 * 6
+    assert r["flatstack"]["mfu"] > 0 and r["baseline"]["mfu"] > 0
+    assert r["ratio"] == pytest.approx(r["baseline"]["seconds"] / r["flatstack"]["seconds"])

@@ -361,3 +361,16 @@ def test_fuzzed_requests_never_break_the_server(server, path, body):
     if r.status_code != 200:
         assert_error_shape(r, r.status_code)
     assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_bench_serve_reports_vllm_metrics(server):
+    from flatstack.bench import bench_serve
+
+    report = bench_serve(server, [1, 3], num_prompts=6, prompt_range=(4, 20), output_range=(3, 8), api_key=KEY)
+    assert [r["max_concurrency"] for r in report["runs"]] == [1, 3]
+    for run in report["runs"]:
+        assert run["completed"] == 6 and run["failed"] == 0
+        assert run["output_tokens_per_s"] > 0 and run["request_throughput"] > 0
+        for metric in ("ttft_ms", "tpot_ms", "itl_ms"):
+            assert 0 < run[metric]["median"] <= run[metric]["p99"]
+    assert report["runs"][0]["output_tokens_per_s_ratio_to_first"] == 1.0
