@@ -223,7 +223,7 @@ def bench_decode(model_path: str, prompt_tokens: int = 128, max_tokens: int = 12
     model = llm.model
     prompt = random_prompt(model.cfg.vocab_size, prompt_tokens, 0)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    llm.generate(prompt[:16], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))  # warm-up, compile
+    llm.warm_up()
     t0 = time.perf_counter()
     stamps = [time.perf_counter() for _ in llm.stream(prompt, params)]
     ours = (len(stamps) - 1) / (stamps[-1] - stamps[0])
@@ -288,7 +288,7 @@ def bench_throughput(model_path: str, num_requests: int = 32, prompt_range: tupl
     cfg = llm.model.cfg
     requests = throughput_requests(cfg.vocab_size, num_requests, prompt_range, output_range, seed)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in requests]
-    llm.generate(requests[0][0][:16], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
+    llm.warm_up()
     t0 = time.perf_counter()
     outs = llm.generate([p for p, _ in requests], params)
     ours_s = time.perf_counter() - t0

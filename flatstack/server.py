@@ -1,7 +1,9 @@
 """`flatstack serve`: the engine behind an OpenAI-compatible HTTP API (FastAPI and uvicorn, nothing else).
 
-The engine steps on its own thread. HTTP handlers check a request on the event loop (tokenising, the
-sampling ranges, the context), then hand its sequences to the engine thread through a command queue;
+The engine steps on the main thread and uvicorn serves on another (torch's CPU kernels, compiled ones
+above all, ran at half speed on a second thread when measured). HTTP handlers check a request on the
+event loop (tokenising, the sampling ranges, the context), then hand its sequences to the engine thread
+through a command queue;
 each request reads its outputs from its own asyncio queue, filled by the engine thread. A client that
 goes away aborts its request, and its KV blocks return to the pool on the engine's next turn. Errors
 come back in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
@@ -10,7 +12,6 @@ come back in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import math
@@ -168,7 +169,7 @@ class Metrics:
 
 
 class EngineLoop:
-    """Runs `llm.step()` on its own thread; everything that touches the engine's queues happens there."""
+    """Runs `llm.step()` in `run()`; everything that touches the engine's queues happens on that thread."""
 
     def __init__(self, llm: LLM, max_queue: int):
         self.llm, self.max_queue = llm, max_queue
@@ -178,14 +179,10 @@ class EngineLoop:
         self.pending = 0  # sequences accepted and not yet finished or aborted
         self.pending_lock = threading.Lock()
         self.error: str | None = None
-        self.thread = threading.Thread(target=self.run, name="flatstack-engine", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
+        self.running = False
 
     def stop(self) -> None:
         self.commands.put(("stop", None))
-        self.thread.join(timeout=10)
 
     def submit(self, seqs: list[Sequence]) -> list[asyncio.Queue]:
         with self.pending_lock:
@@ -235,10 +232,18 @@ class EngineLoop:
         return True
 
     def run(self) -> None:
+        self.running = True
+        try:
+            self.llm.warm_up()  # requests that arrive meanwhile wait in the command queue
+            self.loop()
+        finally:
+            self.running = False
+
+    def loop(self) -> None:
         while True:
             try:
-                # block for work only when the engine is idle
-                item = self.commands.get(timeout=None if not self.llm.has_unfinished() else 0)
+                # wait for work only when the engine is idle (waking now and then, for signals)
+                item = self.commands.get(timeout=0.5 if not self.llm.has_unfinished() else 0)
             except queue.Empty:
                 item = None
             while item is not None:
@@ -281,14 +286,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     metrics = Metrics()
     cfg = llm.model.cfg
     pool_tokens = len(llm.blocks.blocks) * llm.blocks.block_size
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        engine.start()
-        yield
-        engine.stop()
-
-    app = FastAPI(title="flatstack", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="flatstack", version="0.1.0")
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -454,8 +452,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if not engine.thread.is_alive():
-            return error_response(503, "the engine thread is not running", "internal_error")
+        if not engine.running:
+            return error_response(503, "the engine is not running", "internal_error")
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -621,8 +619,27 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
 
 def serve(llm: LLM, config: ServerConfig, host: str, port: int) -> None:
+    """uvicorn on a thread of its own, the engine on this one, until Ctrl-C or SIGTERM."""
+    import signal
+
     import uvicorn
 
     app = create_app(llm, config)
+    engine: EngineLoop = app.state.engine
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    http = threading.Thread(target=server.run, name="flatstack-http", daemon=True)
+    http.start()
+    while not server.started:
+        if not http.is_alive():
+            raise OSError(f"cannot serve on {host}:{port} (is the port in use?)")
+        time.sleep(0.05)
+    signal.signal(signal.SIGTERM, lambda *_: engine.stop())
     print(f"flatstack serve: {config.served_model_name} on http://{host}:{port}/v1", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    try:
+        engine.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http.join(timeout=10)

@@ -2,6 +2,7 @@
 batching (alone, in a mixed batch, chunked, preempted, served from the prefix cache); sampling
 parameters; streaming; the pool's accounting; bad requests refused without disturbing the others."""
 
+import json
 import math
 
 import pytest
@@ -257,3 +258,40 @@ def test_resident_memory_stays_flat_over_a_long_run():
         wave(k)
     assert resident_bytes() - after_warmup < 16 << 20
     assert llm.blocks.num_used == 0 and not llm.requests
+
+
+def test_chat_cli_streams_answers_through_the_chat_template(tmp_path):
+    import subprocess
+    import sys
+
+    from flatstack.checkpoint import save
+
+    TOK.save(str(tmp_path / "tokenizer.json"))
+    save(Transformer(CONFIGS["llama"]).init_weights(seed=1, std=0.2), tmp_path / "ckpt", tokenizer_dir=tmp_path)
+    run = subprocess.run([sys.executable, "-m", "flatstack.cli", "chat", str(tmp_path / "ckpt"), "--temperature", "0",
+                          "--max-tokens", "5", "--ignore-eos"], input="Hello\nAgain\n", capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    llm = engine()
+    first = llm.chat([{"role": "user", "content": "Hello"}], SamplingParams(temperature=0, max_tokens=5,
+                                                                            ignore_eos=True)).text
+    assert run.stdout.startswith("> " + first + "\n> ")
+    assert run.stdout.count("> ") == 3  # two answers, then the prompt that read the end of input
+
+
+def test_generate_cli_writes_json_lines(tmp_path, capsys):
+    from flatstack.checkpoint import save
+    from flatstack.cli import main
+
+    TOK.save(str(tmp_path / "tokenizer.json"))
+    save(Transformer(CONFIGS["llama"]).init_weights(seed=1, std=0.2), tmp_path / "ckpt", tokenizer_dir=tmp_path)
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "from a file"}\n{"messages": [{"role": "user", "content": '
+                                            '"hi"}]}\n')
+    rc = main(["generate", str(tmp_path / "ckpt"), "--prompt", "abc", "--prompts-file", str(tmp_path / "prompts.jsonl"),
+               "--temperature", "0", "--max-tokens", "6", "--ignore-eos", "--jsonl", "--logprobs", "1"])
+    assert rc == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in records[:2]] == ["abc", "from a file"]
+    assert all(len(r["token_ids"]) == 6 and r["finish_reason"] == "length" and len(r["logprobs"]) == 6
+               for r in records)
+    assert main(["generate", str(tmp_path / "ckpt"), "--prompt", "x", "--top-p", "0"]) == 1

@@ -220,6 +220,12 @@ class LLM:
             num_cached_tokens=seq.num_cached, logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
         )
 
+    def warm_up(self) -> None:
+        """Run a prefill and a few decode steps once, so the compiled decode kernels exist before the
+        first real request; leaves no trace in the prefix cache or its counters."""
+        self.generate([0], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        self.blocks.prompt_tokens = self.blocks.cached_tokens = 0
+
     # -- offline API ----------------------------------------------------------------------------
 
     def generate(self, prompts: str | list[int] | list[str | list[int]],
