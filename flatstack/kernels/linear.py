@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FEW_ROWS = 8  # at most this many rows take the fused reduction
+FEW_ROWS = 6  # at most this many rows take the fused reduction (measured: faster than BLAS up to 4-6)
 INT4_GROUP = 32
 
 
