@@ -448,6 +448,37 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+    async def collect(request: Request, seqs: list[Sequence]) -> list[RequestOutput] | None:
+        """Every choice's final output, or None if the client left first."""
+        finals: list[RequestOutput | None] = [None] * len(seqs)
+        async for i, out in results(request, seqs):
+            if out.finished:
+                finals[i] = out
+        return None if any(f is None for f in finals) else finals
+
+    def event_stream(request: Request, seqs: list[Sequence], envelope: dict, prelude: list[dict], pieces,
+                     include_usage: bool, n: int) -> StreamingResponse:
+        """Server-sent events: the prelude choices, then `pieces(i, output, new logprobs)` choices as outputs
+        come, then the usage in a chunk of its own (if asked), then [DONE]."""
+
+        async def events():
+            sent_logprobs = [0] * len(seqs)
+            finals: list[RequestOutput | None] = [None] * len(seqs)
+            for c in prelude:
+                yield sse({**envelope, "choices": [c]})
+            async for i, out in results(request, seqs):
+                lps = (out.logprobs or [])[sent_logprobs[i] : sent_logprobs[i] + len(out.delta_token_ids)]
+                sent_logprobs[i] += len(lps)
+                if out.finished:
+                    finals[i] = out
+                for c in pieces(i, out, lps):
+                    yield sse({**envelope, "choices": [c]})
+            if include_usage:
+                yield sse({**envelope, "choices": [], "usage": usage(finals, n)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
     # -- routes ---------------------------------------------------------------------------------
 
     @app.get("/health")
@@ -483,33 +514,16 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
         if req.stream:
             include_usage = req.stream_options is not None and req.stream_options.include_usage
+            envelope = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
+            prelude = [{"index": i, "text": e, "finish_reason": None, "logprobs": None}
+                       for i, e in enumerate(echo) if e]
 
-            async def events():
-                sent_logprobs = [0] * len(seqs)
-                finals: list[RequestOutput | None] = [None] * len(seqs)
-                for i, e in enumerate(echo):
-                    if e:
-                        yield sse({"id": rid, "object": "text_completion", "created": created, "model": req.model,
-                                   "choices": [{"index": i, "text": e, "finish_reason": None, "logprobs": None}]})
-                async for i, out in results(request, seqs):
-                    lps = (out.logprobs or [])[sent_logprobs[i] : sent_logprobs[i] + len(out.delta_token_ids)]
-                    sent_logprobs[i] += len(lps)
-                    if out.finished:
-                        finals[i] = out
-                    if out.delta_text or out.finished or lps:
-                        yield sse({"id": rid, "object": "text_completion", "created": created, "model": req.model,
-                                   "choices": [choice(i, out.delta_text, out, lps)]})
-                if include_usage:
-                    yield sse({"id": rid, "object": "text_completion", "created": created, "model": req.model,
-                               "choices": [], "usage": usage(finals, req.n)})
-                yield "data: [DONE]\n\n"
+            def pieces(i: int, out: RequestOutput, lps) -> list[dict]:
+                return [choice(i, out.delta_text, out, lps)] if out.delta_text or out.finished or lps else []
 
-            return StreamingResponse(events(), media_type="text/event-stream")
-        finals: list[RequestOutput | None] = [None] * len(seqs)
-        async for i, out in results(request, seqs):
-            if out.finished:
-                finals[i] = out
-        if any(f is None for f in finals):
+            return event_stream(request, seqs, envelope, prelude, pieces, include_usage, req.n)
+        finals = await collect(request, seqs)
+        if finals is None:
             return PlainTextResponse("", status_code=499)  # the client left
         return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
                 "choices": [choice(i, echo[i] + o.text, o, o.logprobs) for i, o in enumerate(finals)],
@@ -531,39 +545,21 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         seqs = sequences([prompt], params, req.n, max_tokens)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def chunk(i: int, delta: dict, finish: str | None, lps=None) -> str:
-            c = {"index": i, "delta": delta, "finish_reason": finish,
-                 "logprobs": chat_logprobs(lps) if req.logprobs and lps is not None else None}
-            return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                        "choices": [c]})
+        def chunk(i: int, delta: dict, finish: str | None, lps=None) -> dict:
+            return {"index": i, "delta": delta, "finish_reason": finish,
+                    "logprobs": chat_logprobs(lps) if req.logprobs and lps is not None else None}
+
+        def pieces(i: int, out: RequestOutput, lps) -> list[dict]:
+            new = [chunk(i, {"content": out.delta_text}, None, lps)] if out.delta_text or lps else []
+            return new + ([chunk(i, {}, out.finish_reason)] if out.finished else [])
 
         if req.stream:
             include_usage = req.stream_options is not None and req.stream_options.include_usage
-
-            async def events():
-                sent_logprobs = [0] * len(seqs)
-                finals: list[RequestOutput | None] = [None] * len(seqs)
-                for i in range(len(seqs)):
-                    yield chunk(i, {"role": "assistant", "content": ""}, None)
-                async for i, out in results(request, seqs):
-                    lps = (out.logprobs or [])[sent_logprobs[i] : sent_logprobs[i] + len(out.delta_token_ids)]
-                    sent_logprobs[i] += len(lps)
-                    if out.delta_text or lps:
-                        yield chunk(i, {"content": out.delta_text}, None, lps)
-                    if out.finished:
-                        finals[i] = out
-                        yield chunk(i, {}, out.finish_reason)
-                if include_usage:
-                    yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                               "choices": [], "usage": usage(finals, req.n)})
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-        finals: list[RequestOutput | None] = [None] * len(seqs)
-        async for i, out in results(request, seqs):
-            if out.finished:
-                finals[i] = out
-        if any(f is None for f in finals):
+            envelope = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
+            prelude = [chunk(i, {"role": "assistant", "content": ""}, None) for i in range(len(seqs))]
+            return event_stream(request, seqs, envelope, prelude, pieces, include_usage, req.n)
+        finals = await collect(request, seqs)
+        if finals is None:
             return PlainTextResponse("", status_code=499)
         choices = [{"index": i, "message": {"role": "assistant", "content": o.text}, "finish_reason": o.finish_reason,
                     "logprobs": chat_logprobs(o.logprobs) if req.logprobs else None} for i, o in enumerate(finals)]

@@ -186,31 +186,44 @@ class LLM:
         p = seq.params
         token = sample(logits, p, seq.prompt_ids, seq.output_ids, seq.generator)
         if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
+            self.detokenize(seq, final=True)
             self.scheduler.finish(seq, "stop")  # the stop token itself is not emitted
             return
         seq.token_ids.append(token)
         if p.logprobs is not None:
             seq.logprobs.append(token_logprob(logits, token, p.logprobs))
-        seq.text = self.tokenizer.decode(seq.output_ids)
+        searched = len(seq.text)
+        done = len(seq.output_ids) >= p.max_tokens
+        self.detokenize(seq, final=done)
         for stop in p.stop:
-            cut = seq.text.find(stop)
+            cut = seq.text.find(stop, max(0, searched - len(stop) + 1))
             if cut >= 0:
                 seq.text = seq.text[:cut]
                 self.scheduler.finish(seq, "stop")
                 return
-        if len(seq.output_ids) >= p.max_tokens:
+        if done:
             self.scheduler.finish(seq, "length")
+
+    def detokenize(self, seq: Sequence, final: bool) -> None:
+        """Extend `seq.text` by its new tokens' text, decoding a short window, not the whole output (as vLLM
+        does). The window's tokens before `detok_read` are decoded twice, so whatever a decoder does at the
+        start of a window (a partial character, a dropped leading space) cancels out. Text that ends inside
+        a multi-byte character waits for its next token, unless this is the last."""
+        out = seq.output_ids
+        before = self.tokenizer.decode(out[seq.detok_prefix : seq.detok_read])
+        after = self.tokenizer.decode(out[seq.detok_prefix :])
+        if after.endswith("\ufffd") and not final:
+            return
+        seq.text += after[len(before) :]
+        seq.detok_prefix, seq.detok_read = seq.detok_read, len(out)
 
     def output(self, seq: Sequence) -> RequestOutput:
         """What the request gained since its last output. While it runs, text that may still turn out
-        to start a stop string, or that ends inside a multi-byte character, is held back."""
+        to start a stop string is held back."""
         text = seq.text
         if not seq.finished:
             hold = max((len(s) - 1 for s in seq.params.stop), default=0)
-            end = len(text) - hold
-            while end > seq.num_emitted and text[end - 1] == "\ufffd":
-                end -= 1
-            text = text[: max(end, seq.num_emitted)]
+            text = text[: max(len(text) - hold, seq.num_emitted)]
         delta, seq.num_emitted = text[seq.num_emitted :], len(text)
         tokens = seq.output_ids
         delta_ids, seq.num_emitted_tokens = tokens[seq.num_emitted_tokens :], len(tokens)

@@ -30,6 +30,8 @@ class Sequence:
     finish_reason: str | None = None  # "stop" or "length"
     logprobs: list[TokenLogprob] = field(default_factory=list)
     text: str = ""  # the decoded output, cut at a stop string
+    detok_prefix: int = 0  # incremental detokenisation: output tokens [prefix, read) were decoded last time
+    detok_read: int = 0
     num_emitted: int = 0  # characters of `text` already handed to the caller (streaming)
     num_emitted_tokens: int = 0
 
