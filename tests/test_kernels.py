@@ -35,15 +35,16 @@ def test_linear_cross_entropy_without_grad_only_computes_the_loss():
 @pytest.mark.parametrize("kind", ["float", "int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 3, 40])  # the fused reduction (few rows) and the GEMM path
 def test_inference_linears_match_their_reference(kind, rows):
-    from flatstack.kernels.linear import LINEARS
+    from flatstack.kernels.linear import FEW_ROWS, LINEARS, decode_step, use_fused
 
     gen = torch.Generator().manual_seed(1)
     w, b = torch.randn(96, 64, generator=gen), torch.randn(96, generator=gen)
     x = torch.randn(2, rows, 64, generator=gen)
     layer = LINEARS[kind](w, b)
-    with torch.no_grad():
+    with torch.no_grad(), decode_step():
         ref = torch.nn.functional.linear(x, w, b) if kind == "float" else layer.reference(x)
         out = layer(x)
+        assert use_fused(x) == (2 * rows <= FEW_ROWS)
     assert out.shape == (2, rows, 96)
     assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
 

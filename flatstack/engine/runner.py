@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatstack.engine.sequence import Sequence
-from flatstack.kernels.linear import LINEARS
+from flatstack.kernels.linear import LINEARS, decode_step
 from flatstack.kernels.paged_attention import gather_blocks, paged_decode_attention
 from flatstack.model import Transformer
 
@@ -125,7 +125,8 @@ class ModelRunner:
         whole context is computed after this step (the ones that sample), in scheduled order."""
         tokens = [t for seq, n in scheduled for t in seq.token_ids[seq.num_computed : seq.num_computed + n]]
         batch = PagedBatch(self.model, self.pool, scheduled, self.device)
-        hidden = self.model.hidden(torch.tensor([tokens], device=self.device), cache=batch)[0]
         ends = torch.tensor([n for _, n in scheduled]).cumsum(0) - 1
         sampling = [i for i, (seq, n) in enumerate(scheduled) if seq.num_computed + n == seq.num_tokens]
-        return self.model.logits(hidden[ends[sampling].to(self.device)]).float()
+        with decode_step(batch.num_decodes == len(scheduled)):
+            hidden = self.model.hidden(torch.tensor([tokens], device=self.device), cache=batch)[0]
+            return self.model.logits(hidden[ends[sampling].to(self.device)]).float()

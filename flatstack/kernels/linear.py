@@ -14,7 +14,9 @@ Each layer's `reference` is the plain torch form the tests hold the fast path to
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +51,25 @@ def fused(kind: str):
     return torch.compile(fn, dynamic=True)
 
 
+_decoding = threading.local()
+
+
+@contextlib.contextmanager
+def decode_step(active: bool = True):
+    """Within it, few-row products take the fused reduction. Only decode steps opt in: a short prompt's
+    prefill stays on BLAS, so the first token never waits for the kernels to compile (that happens at
+    the first decode step, once per process)."""
+    before = getattr(_decoding, "active", False)
+    _decoding.active = active
+    try:
+        yield
+    finally:
+        _decoding.active = before
+
+
 def use_fused(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.numel() // x.shape[-1] <= FEW_ROWS and not torch.is_grad_enabled()
+    return (getattr(_decoding, "active", False) and x.device.type == "cpu" and x.numel() // x.shape[-1] <= FEW_ROWS
+            and not torch.is_grad_enabled())
 
 
 def rows(x: torch.Tensor) -> torch.Tensor:
