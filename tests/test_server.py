@@ -2,6 +2,7 @@
 API's shapes, streaming, concurrency, disconnecting clients, and bad input of every kind."""
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -32,18 +33,22 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A tiny random model with a byte tokenizer (ChatML markers included) served on a free port."""
+def checkpoint(tmp_path_factory):
+    """A tiny random model with a byte tokenizer (ChatML markers included)."""
     folder = tmp_path_factory.mktemp("serve")
     tok = byte_tokenizer()
     tok.save(str(folder / "tokenizer.json"))
     cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                       head_dim=16, ffn_dim=128, max_seq_len=CONTEXT)
-    ckpt = save(Transformer(cfg).init_weights(seed=0, std=0.3), folder / "ckpt", tokenizer_dir=folder)
+    return save(Transformer(cfg).init_weights(seed=0, std=0.3), folder / "ckpt", tokenizer_dir=folder)
+
+
+@contextlib.contextmanager
+def running_server(ckpt, *extra: str):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "flatstack.cli", "serve", str(ckpt), "--port", str(port), "--api-key", KEY,
-         "--served-model-name", MODEL, "--kv-cache-memory", "4M", "--max-num-seqs", "32"],
+         "--served-model-name", MODEL, "--kv-cache-memory", "4M", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -57,9 +62,17 @@ def server(tmp_path_factory):
             proc.kill()
             raise AssertionError(f"server did not start: {proc.stdout.read()}")
         time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    with running_server(checkpoint, "--max-num-seqs", "32") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -374,3 +387,11 @@ def test_bench_serve_reports_vllm_metrics(server):
         for metric in ("ttft_ms", "tpot_ms", "itl_ms"):
             assert 0 < run[metric]["median"] <= run[metric]["p99"]
     assert report["runs"][0]["output_tokens_per_s_ratio_to_first"] == 1.0
+
+
+def test_past_the_queue_limit_requests_get_503_and_retry_after(checkpoint):
+    with running_server(checkpoint, "--max-queue", "2") as url:
+        r = post(url, C, {**GOOD, "n": 3})  # three sequences at once: one past the limit
+        assert_error_shape(r, 503)
+        assert r.headers["retry-after"] == "1"
+        assert post(url, C, {**GOOD, "n": 2}).status_code == 200

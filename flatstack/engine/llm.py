@@ -175,16 +175,18 @@ class LLM:
             if seq.num_computed == seq.num_tokens:
                 sampling.append(seq)
         outputs = []
-        for seq, row in zip(sampling, logits, strict=True):
-            self.append_token(seq, row)
+        best = logits.argmax(-1).tolist()  # greedy rows without penalties need nothing more
+        for seq, row, argmax in zip(sampling, logits, best, strict=True):
+            self.append_token(seq, row, argmax)
             outputs.append(self.output(seq))
             if seq.finished:
                 self.requests.pop(seq.request_id, None)
         return outputs
 
-    def append_token(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def append_token(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> None:
         p = seq.params
-        token = sample(logits, p, seq.prompt_ids, seq.output_ids, seq.generator)
+        plain_greedy = p.greedy and not p.penalised
+        token = argmax if plain_greedy else sample(logits, p, seq.prompt_ids, seq.output_ids, seq.generator)
         if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
             self.detokenize(seq, final=True)
             self.scheduler.finish(seq, "stop")  # the stop token itself is not emitted
