@@ -43,6 +43,10 @@ class RequestOutput:
 
 
 class LLM:
+    """The engine over one model. `model` is a path (native checkpoint, Hugging Face folder, .gguf file)
+    or a `Transformer`, which is then adapted in place for inference (its linears swapped for the
+    kernels/linear.py ones), so pass a copy of a model that is still training."""
+
     def __init__(
         self,
         model: str | os.PathLike | Transformer,

@@ -4,7 +4,7 @@ The pool holds, per layer, keys and values for `num_blocks * block_size` token s
 new tokens of every scheduled sequence into one row (decodes first, then prompt chunks) and passes the
 model a `PagedBatch`: the per-token positions, and an `attend` that writes the step's keys and values
 into their slots and reads each sequence's context back through its block table. The model is the
-training model, unchanged.
+training `Transformer`; only its linears are swapped for inference ones (kernels/linear.py).
 """
 
 from __future__ import annotations
