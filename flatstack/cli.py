@@ -226,6 +226,7 @@ def add_engine_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step (default 64)")
     s.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (default 512)")
     s.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt blocks")
+    s.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantisation for inference")
 
 
 def add_sampling_args(s: argparse.ArgumentParser, temperature: float) -> None:
@@ -250,7 +251,8 @@ def engine_from_args(args):
 
     return LLM(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device,
                kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, prefix_caching=not args.no_prefix_caching)
+               max_num_batched_tokens=args.max_num_batched_tokens, prefix_caching=not args.no_prefix_caching,
+               quantize=args.quantize)
 
 
 def sampling_from_args(args):

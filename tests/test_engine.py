@@ -295,3 +295,6 @@ def test_generate_cli_writes_json_lines(tmp_path, capsys):
     assert all(len(r["token_ids"]) == 6 and r["finish_reason"] == "length" and len(r["logprobs"]) == 6
                for r in records)
     assert main(["generate", str(tmp_path / "ckpt"), "--prompt", "x", "--top-p", "0"]) == 1
+    assert main(["generate", str(tmp_path / "ckpt"), "--prompt", "abc", "--quantize", "int8", "--temperature", "0",
+                 "--max-tokens", "4", "--ignore-eos", "--jsonl"]) == 0
+    assert len(json.loads(capsys.readouterr().out.splitlines()[-1])["token_ids"]) == 4
