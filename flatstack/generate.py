@@ -1,10 +1,12 @@
-"""Sampling with a KV cache: one prompt at a time, temperature and top-k. Enough to read what a trained
-run has learned; the inference engine replaces it for batched serving."""
+"""One prompt at a time through the contiguous KV cache, with the engine's sampler: what training uses
+for its samples (on the model being trained, which the engine would adapt in place), and the plain
+reference the engine's paged, batched path is tested against."""
 
 from __future__ import annotations
 
 import torch
 
+from flatstack.engine.sampling import SamplingParams, sample
 from flatstack.model import KVCache, Transformer
 from flatstack.tokenizer import EOS, IM_END, chat_segments
 
@@ -35,8 +37,7 @@ def generate(
     """New token ids after `prompt` (at least one id), stopping early at a stop id (not returned)."""
     if not prompt:
         raise ValueError("the prompt must hold at least one token")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0; got {temperature}")
+    params = SamplingParams(max_tokens=max(max_new_tokens, 1), temperature=temperature, top_k=top_k or 0)
     cfg = model.cfg
     room = cfg.max_seq_len - len(prompt)
     if room <= 0:
@@ -48,8 +49,9 @@ def generate(
     tokens = torch.tensor([prompt], device=device)
     logits = model(tokens, 0, cache)[0, -1]
     out: list[int] = []
+    generator = generator if generator is not None else torch.default_generator
     for _ in range(max_new_tokens):
-        next_id = sample(logits.float(), temperature, top_k, generator)
+        next_id = sample(logits.float(), params, prompt, out, generator)
         if stop_ids and next_id in stop_ids:
             break
         out.append(next_id)
@@ -57,14 +59,3 @@ def generate(
             break
         logits = model(torch.tensor([[next_id]], device=device), len(prompt) + len(out) - 1, cache)[0, -1]
     return out
-
-
-def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> int:
-    if temperature == 0:
-        return int(logits.argmax())
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.numel():
-        kth = logits.topk(top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))

@@ -135,7 +135,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, prompt: list[int], outp
         logits = apply_penalties(logits.clone(), params, prompt, output)
     if params.greedy:
         return int(logits.argmax())
-    probs = filter_logits(logits, params).softmax(-1)
+    probs = filter_logits(logits, params).softmax(-1).to(generator.device)  # the request's own RNG draws
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
