@@ -360,7 +360,8 @@ FIELDS = ["prompt", "messages", "max_tokens", "temperature", "top_p", "n", "stop
           "echo", "stream", "top_k", "min_p", "stream_options", "max_completion_tokens", "top_logprobs"]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")), deadline=None,
+          suppress_health_check=list(HealthCheck))
 @given(path=st.sampled_from([C, H]),
        body=st.fixed_dictionaries({"model": st.just(MODEL)},
                                   optional={f: JSON for f in FIELDS}).map(lambda d: {**d, "max_tokens": 3}
