@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -362,19 +362,16 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         """n sequences per prompt; choice j of a seeded request uses seed + j. Without max_tokens, a
         request may run to the end of the context."""
         seqs = []
-        for prompt in prompts:
-            for j in range(n):
-                p = params
-                if params.seed is not None and j:
-                    p = SamplingParams(**{**params.__dict__, "seed": params.seed + j})
-                try:
-                    if max_tokens is None:  # to the end of the context, or of what the KV pool holds
-                        room = min(cfg.max_seq_len, pool_tokens) - len(llm.encode(prompt))
-                        p = SamplingParams(**{**p.__dict__, "max_tokens": max(room, 1)})
-                    seqs.append(llm.make_sequence(prompt, p, uuid.uuid4().hex))
-                except RequestError as e:
-                    param = "max_tokens" if "max_tokens" in str(e) else "prompt"
-                    raise APIError(400, str(e), param=param) from None
+        try:
+            for prompt in prompts:
+                ids = llm.encode(prompt)  # once per prompt, not per choice
+                if max_tokens is None:  # to the end of the context, or of what the KV pool holds
+                    params = replace(params, max_tokens=max(min(cfg.max_seq_len, pool_tokens) - len(ids), 1))
+                for j in range(n):
+                    p = params if params.seed is None or not j else replace(params, seed=params.seed + j)
+                    seqs.append(llm.make_sequence(ids, p, uuid.uuid4().hex))
+        except RequestError as e:
+            raise APIError(400, str(e), param="max_tokens" if "max_tokens" in str(e) else "prompt") from None
         return seqs
 
     async def results(request: Request, seqs: list[Sequence]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -5,6 +5,7 @@ existing file. Plus the ChatML chat template that fine-tuning data and generatio
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -137,8 +138,6 @@ def check_messages(messages, where: str) -> list[dict]:
 def chat_template_of(files: dict[str, str], tok: Tokenizer) -> str | None:
     """A checkpoint's chat template: tokenizer_config.json's, chat_template.jinja, or ChatML when the
     tokenizer has its markers (every chat model flatstack trains)."""
-    import json
-
     if "chat_template.jinja" in files:
         return files["chat_template.jinja"]
     if "tokenizer_config.json" in files:

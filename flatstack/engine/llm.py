@@ -189,8 +189,11 @@ class LLM:
 
     def append_token(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> None:
         p = seq.params
-        plain_greedy = p.greedy and not p.penalised
-        token = argmax if plain_greedy else sample(logits, p, seq.prompt_ids, seq.output_ids, seq.generator)
+        if p.greedy and not p.penalised:
+            token = argmax
+        else:  # the history is sliced only when penalties read it
+            history = (seq.prompt_ids, seq.output_ids) if p.penalised else ([], [])
+            token = sample(logits, p, *history, seq.generator)
         if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
             self.detokenize(seq, final=True)
             self.scheduler.finish(seq, "stop")  # the stop token itself is not emitted
@@ -199,7 +202,7 @@ class LLM:
         if p.logprobs is not None:
             seq.logprobs.append(token_logprob(logits, token, p.logprobs))
         searched = len(seq.text)
-        done = len(seq.output_ids) >= p.max_tokens
+        done = seq.num_output >= p.max_tokens
         self.detokenize(seq, final=done)
         for stop in p.stop:
             cut = seq.text.find(stop, max(0, searched - len(stop) + 1))
@@ -215,13 +218,13 @@ class LLM:
         does). The window's tokens before `detok_read` are decoded twice, so whatever a decoder does at the
         start of a window (a partial character, a dropped leading space) cancels out. Text that ends inside
         a multi-byte character waits for its next token, unless this is the last."""
-        out = seq.output_ids
-        before = self.tokenizer.decode(out[seq.detok_prefix : seq.detok_read])
-        after = self.tokenizer.decode(out[seq.detok_prefix :])
+        window = seq.token_ids[seq.num_prompt + seq.detok_prefix :]
+        before = self.tokenizer.decode(window[: seq.detok_read - seq.detok_prefix])
+        after = self.tokenizer.decode(window)
         if after.endswith("\ufffd") and not final:
             return
         seq.text += after[len(before) :]
-        seq.detok_prefix, seq.detok_read = seq.detok_read, len(out)
+        seq.detok_prefix, seq.detok_read = seq.detok_read, seq.num_output
 
     def output(self, seq: Sequence) -> RequestOutput:
         """What the request gained since its last output. While it runs, text that may still turn out
@@ -234,7 +237,7 @@ class LLM:
         tokens = seq.output_ids
         delta_ids, seq.num_emitted_tokens = tokens[seq.num_emitted_tokens :], len(tokens)
         return RequestOutput(
-            request_id=seq.request_id, prompt_token_ids=seq.prompt_ids, token_ids=list(tokens), text=text,
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_ids, token_ids=tokens, text=text,
             delta_text=delta, delta_token_ids=delta_ids, finished=seq.finished, finish_reason=seq.finish_reason,
             num_cached_tokens=seq.num_cached, logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -40,11 +41,16 @@ class Sequence:
         return len(self.token_ids)
 
     @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt :]
 
-    @property
+    @functools.cached_property
     def prompt_ids(self) -> list[int]:
+        """The prompt never changes: sliced once, not per token."""
         return self.token_ids[: self.num_prompt]
 
     @property
