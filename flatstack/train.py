@@ -54,6 +54,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | muon (Muon on hidden matrices, AdamW on the rest)
     lr: float = 1e-3
     muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
     warmup_steps: int = 100
@@ -92,6 +93,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
         (cfg.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
         (cfg.lr > 0, "--lr must be > 0"),
+        (0 <= cfg.muon_momentum < 1, "--muon-momentum must be in [0, 1)"),
         (cfg.eval_every >= 0 and cfg.ckpt_every >= 0, "--eval-every and --ckpt-every must be >= 0"),
         (cfg.keep_checkpoints > 0, "--keep-checkpoints must be > 0"),
     ]
@@ -178,7 +180,7 @@ def build_optimizers(model: Transformer, cfg: TrainConfig, device: torch.device)
     opts: list[torch.optim.Optimizer] = [
         torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **kind)]
     if muon:
-        opts.append(Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay))
+        opts.append(Muon(muon, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay))
     for opt in opts:
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]

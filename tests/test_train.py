@@ -208,7 +208,8 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(data_dir, tmp_pat
     assert flatstack.load(tmp_path / "r" / "checkpoints" / "step_0000006") is not None
 
 
-@pytest.mark.parametrize("case", ["missing_data", "context", "unknown_option", "bad_value", "batch_tokens"])
+@pytest.mark.parametrize("case", ["missing_data", "context", "unknown_option", "bad_value", "batch_tokens",
+                                  "momentum"])
 def test_bad_training_input_names_the_option(case, data_dir, tmp_path, capsys):
     out = tmp_path / "r"
     args = {
@@ -217,6 +218,7 @@ def test_bad_training_input_names_the_option(case, data_dir, tmp_path, capsys):
         "unknown_option": ["--data", str(data_dir), "--learning-rat", "3"],
         "bad_value": ["--data", str(data_dir), "--max-steps", "many"],
         "batch_tokens": ["--data", str(data_dir), "--seq-len", "32", "--batch-size", "4", "--batch-tokens", "100"],
+        "momentum": ["--data", str(data_dir), "--muon-momentum", "1.0"],
     }[case]
     expect = {
         "missing_data": "nodata is not a prepared data folder",
@@ -224,6 +226,7 @@ def test_bad_training_input_names_the_option(case, data_dir, tmp_path, capsys):
         "unknown_option": "unknown option --learning-rat",
         "bad_value": "--max-steps: expected int, got 'many'",
         "batch_tokens": "--batch-tokens 100 is not a multiple",
+        "momentum": "--muon-momentum must be in [0, 1)",
     }[case]
     extra = ["--max-seq-len", "256"] if case == "context" else []
     rc = main(["train", "--out", str(out), "--progress", "false", *args, *extra])
