@@ -232,9 +232,9 @@ class EngineLoop:
         return True
 
     def run(self) -> None:
-        self.running = True
         try:
             self.llm.warm_up()  # requests that arrive meanwhile wait in the command queue
+            self.running = True  # /health answers 200 from here: the decode graphs are compiled
             self.loop()
         finally:
             self.running = False
@@ -481,7 +481,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     @app.get("/health")
     async def health():
         if not engine.running:
-            return error_response(503, "the engine is not running", "internal_error")
+            return error_response(503, "the engine is not running (or still compiling its decode graphs)",
+                                  "internal_error")
         return {"status": "ok"}
 
     @app.get("/v1/models")

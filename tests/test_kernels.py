@@ -71,3 +71,24 @@ def test_paged_decode_attention_matches_reference(softcap, window):
     ref = pa.reference(q, k_pool, v_pool, tables, lengths, 0.3, softcap, window)
     out = pa.paged_decode_attention(q, k_pool, v_pool, tables, lengths, 0.3, softcap, window)
     assert (out - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("softcap, window", [(None, None), (30.0, None), (None, 5)])
+def test_decode_attention_before_write_equals_writing_first(softcap, window):
+    """The compiled decode step's form (the new key and value beside the pool) equals writing them into
+    their slots and attending through the block tables."""
+    from flatstack.kernels import paged_attention as pa
+
+    gen = torch.Generator().manual_seed(4)
+    Hkv, blocks, bs, D, H = 2, 12, 4, 8, 6
+    k_pool, v_pool = torch.randn(2, Hkv, blocks, bs, D, generator=gen)
+    q = torch.randn(3, H, D, generator=gen)
+    k_new, v_new = torch.randn(2, 3, Hkv, D, generator=gen)
+    tables = torch.tensor([[5, 2, 9, 0], [1, 0, 0, 0], [11, 3, 7, 4]])
+    context = torch.tensor([10, 0, 15])  # the second sequence has no context yet: only its own token
+    out = pa.decode_attention_before_write(q, k_new, v_new, k_pool, v_pool, tables, context, 0.3, softcap, window)
+    for b in range(3):
+        block, offset = tables[b, context[b] // bs], context[b] % bs
+        k_pool[:, block, offset], v_pool[:, block, offset] = k_new[b], v_new[b]
+    ref = pa.reference(q, k_pool, v_pool, tables, context + 1, 0.3, softcap, window)
+    assert (out - ref).abs().max() <= 1e-5

@@ -243,9 +243,9 @@ class LLM:
         )
 
     def warm_up(self) -> None:
-        """Run a prefill and a few decode steps once, so the compiled decode kernels exist before the
-        first real request; leaves no trace in the prefix cache or its counters."""
-        self.generate([0], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        """Run prefills and decode steps of two sequences and of one once, so the compiled decode graphs
+        exist before the first real request; leaves no trace in the prefix cache or its counters."""
+        self.generate([[0], [0, 0]], [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (4, 2)])
         self.blocks.prompt_tokens = self.blocks.cached_tokens = 0
 
     # -- offline API ----------------------------------------------------------------------------

@@ -5,18 +5,27 @@ new tokens of every scheduled sequence into one row (decodes first, then prompt 
 model a `PagedBatch`: the per-token positions, and an `attend` that writes the step's keys and values
 into their slots and reads each sequence's context back through its block table. The model is the
 training `Transformer`; only its linears are swapped for inference ones (kernels/linear.py).
+
+Decode steps on the CPU call each block through one TorchInductor-compiled `Block.forward` (one graph
+serves every layer, the layer index symbolic): the norms, projections, RoPE, attention and FFN of a
+layer run as one C++ graph instead of some forty eager ops and seven compiled calls. Inside it the pool
+is only read; each layer's new keys and values come out of the graph beside its output and are written
+into the pool for all layers at once after the step, since a compiled graph that wrote into the pool
+would copy it.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flatstack.engine.sequence import Sequence
-from flatstack.kernels.linear import LINEARS, decode_step
-from flatstack.kernels.paged_attention import gather_blocks, paged_decode_attention
-from flatstack.model import Transformer
+from flatstack.kernels.linear import FEW_ROWS, LINEARS, decode_step
+from flatstack.kernels.paged_attention import decode_attention_before_write, gather_blocks, paged_decode_attention
+from flatstack.model import Block, Transformer
 
 
 def kv_bytes_per_token(model: Transformer, dtype: torch.dtype) -> int:
@@ -50,10 +59,20 @@ class KVPool:
         return tuple(gather_blocks(pool, blocks).flatten(1, 2).unsqueeze(0) for pool in (self.k[layer], self.v[layer]))
 
 
+@functools.cache
+def compiled_block():
+    """`Block.forward` compiled once for all layers (the layer's pools are handed in as tensors, so no
+    layer index reaches the graph to be guarded on): one graph for one sequence, one for 2..FEW_ROWS."""
+    return torch.compile(Block.forward)
+
+
 class PagedBatch:
     """One step's view of the pool, handed to the model as its cache."""
 
-    def __init__(self, model: Transformer, pool: KVPool, scheduled: list[tuple[Sequence, int]], device):
+    run_block = None  # the model calls its blocks itself, unless a compiled decode step sets this
+
+    def __init__(self, model: Transformer, pool: KVPool, scheduled: list[tuple[Sequence, int]], device,
+                 compiled: bool = False):
         cfg = model.cfg
         self.pool = pool
         self.scale = model.layers[0].attn.scale
@@ -76,12 +95,23 @@ class PagedBatch:
                        if i >= self.num_decodes]
         if self.num_decodes:
             dec = tables[: self.num_decodes]
-            longest = max(len(t) for t in dec)
+            longest = max(2, *(len(t) for t in dec))  # never one block wide: compiled code would specialise on 1
             self.decode_tables = torch.stack([F.pad(t, (0, longest - len(t))) for t in dec]).to(device)
             self.decode_lengths = torch.tensor(lengths[: self.num_decodes], device=device)
+        if compiled and not self.chunks and self.num_decodes <= FEW_ROWS:
+            self.run_block = self.run_compiled_block
+            torch._dynamo.maybe_mark_dynamic(self.decode_tables, 1)  # contexts grow: one graph for all widths
+            self.context_lengths = self.decode_lengths - 1
+            self.new_k, self.new_v = [], []  # per layer [Hkv, N, D]
 
     def attend(self, layer: int, q, k, v, start: int, attend):
         """q [1, H, N, D]; k, v [1, Hkv, N, D] for the step's N packed tokens -> attention out [1, H, N, D]."""
+        if self.run_block is not None:  # a compiled decode step: attend around the pool, write after the step
+            self.layer_k, self.layer_v = k[0], v[0]  # an attribute set in a graph is set again after it runs
+            out = decode_attention_before_write(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                                                self.layer_k_pool, self.layer_v_pool, self.decode_tables,
+                                                self.context_lengths, self.scale, self.softcap, self.window)
+            return out.transpose(0, 1).unsqueeze(0)
         self.pool.write(layer, self.new_slots, k[0], v[0])
         outs, offset = [], 0
         if self.num_decodes:
@@ -97,6 +127,23 @@ class PagedBatch:
             offset += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
+    def run_compiled_block(self, block: Block, x, cos, sin, start: int, cache) -> torch.Tensor:
+        layer = block.attn.layer
+        self.layer_k_pool, self.layer_v_pool = self.pool.k[layer], self.pool.v[layer]
+        if x.shape[1] > 1:
+            torch._dynamo.maybe_mark_dynamic(x, 1)  # one graph for any number of sequences above one
+        x = compiled_block()(block, x, cos, sin, start, cache)
+        self.new_k.append(self.layer_k)
+        self.new_v.append(self.layer_v)
+        return x
+
+    def commit(self) -> None:
+        """After a compiled decode step: every layer's new keys and values into their slots, in one copy."""
+        if self.run_block is not None:
+            for pool, new in ((self.pool.k, self.new_k), (self.pool.v, self.new_v)):
+                L, Hkv, blocks, bs, D = pool.shape
+                pool.view(L, Hkv, blocks * bs, D).index_copy_(2, self.new_slots, torch.stack(new))
+
 
 def swap_linears(model: Transformer, kind: str) -> None:
     """Put the inference linears of `kind` (float, int8, int4; kernels/linear.py) in place of every
@@ -111,12 +158,16 @@ def swap_linears(model: Transformer, kind: str) -> None:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int, weights: str = "float"):
-        if model.tok_embeddings.weight.device.type == "cpu" or weights != "float":
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, weights: str = "float",
+                 compile_decode: bool = True):
+        cpu = model.tok_embeddings.weight.device.type == "cpu"
+        if cpu or weights != "float":
             swap_linears(model, weights)
         self.model = model
         weight = model.tok_embeddings.weight
         self.device, self.dtype = weight.device, weight.dtype
+        # MoE blocks route on data (a host sync per layer), which a compiled graph would break at
+        self.compile_decode = compile_decode and cpu and not model.cfg.is_moe
         self.pool = KVPool(model, num_blocks, block_size, self.dtype, self.device)
 
     @torch.inference_mode()
@@ -124,9 +175,10 @@ class ModelRunner:
         """Forward the step's tokens; float32 logits [M, V] at the last token of each sequence whose
         whole context is computed after this step (the ones that sample), in scheduled order."""
         tokens = [t for seq, n in scheduled for t in seq.token_ids[seq.num_computed : seq.num_computed + n]]
-        batch = PagedBatch(self.model, self.pool, scheduled, self.device)
+        batch = PagedBatch(self.model, self.pool, scheduled, self.device, self.compile_decode)
         ends = torch.tensor([n for _, n in scheduled]).cumsum(0) - 1
         sampling = [i for i, (seq, n) in enumerate(scheduled) if seq.num_computed + n == seq.num_tokens]
         with decode_step(batch.num_decodes == len(scheduled)):
             hidden = self.model.hidden(torch.tensor([tokens], device=self.device), cache=batch)[0]
+            batch.commit()
             return self.model.logits(hidden[ends[sampling].to(self.device)]).float()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -26,32 +25,44 @@ FEW_ROWS = 6  # at most this many rows take the fused reduction (measured: faste
 INT4_GROUP = 32
 
 
+def float_rows(x, w):
+    return (x[:, None, :] * w[None]).sum(-1)
+
+
+def int8_rows(x, q, scale):
+    return (x[:, None, :] * q[None].float()).sum(-1) * scale
+
+
+def int4_rows(x, packed, scale, low):
+    # a group's byte j holds its weights j (low nibble) and j + g/2 (high): both halves of x are
+    # contiguous runs, so the loop vectorises
+    M, K = x.shape
+    N, groups = scale.shape
+    xg = x.view(M, 1, groups, 2, -1)
+    p = packed.view(1, N, groups, -1)
+    lo, hi = (p & 15).float(), (p >> 4).float()
+    dot = (lo * xg[:, :, :, 0] + hi * xg[:, :, :, 1]).sum(-1)  # [M, N, groups]
+    return (dot * scale.float() + xg.sum((-1, -2)) * low.float()).sum(-1)
+
+
+ROWS = {"float": float_rows, "int8": int8_rows, "int4": int4_rows}
+
+
 @functools.cache
+def compiled_rows(kind: str):
+    """The reduction for one weight format compiled on its own (once per process, shapes symbolic)."""
+    return torch.compile(ROWS[kind], dynamic=True)
+
+
 def fused(kind: str):
-    """The compiled reduction for one weight format (compiled once per process, shapes symbolic)."""
-
-    def float_rows(x, w):
-        return (x[:, None, :] * w[None]).sum(-1)
-
-    def int8_rows(x, q, scale):
-        return (x[:, None, :] * q[None].float()).sum(-1) * scale
-
-    def int4_rows(x, packed, scale, low):
-        # a group's byte j holds its weights j (low nibble) and j + g/2 (high): both halves of x are
-        # contiguous runs, so the loop vectorises
-        M, K = x.shape
-        N, groups = scale.shape
-        xg = x.view(M, 1, groups, 2, -1)
-        p = packed.view(1, N, groups, -1)
-        lo, hi = (p & 15).float(), (p >> 4).float()
-        dot = (lo * xg[:, :, :, 0] + hi * xg[:, :, :, 1]).sum(-1)  # [M, N, groups]
-        return (dot * scale.float() + xg.sum((-1, -2)) * low.float()).sum(-1)
-
-    fn = {"float": float_rows, "int8": int8_rows, "int4": int4_rows}[kind]
-    return torch.compile(fn, dynamic=True)
+    """Inside a compiled decode step (engine/runner.py) the plain form, which TorchInductor fuses with
+    the ops around it; called eagerly, the reduction compiled on its own."""
+    return ROWS[kind] if torch.compiler.is_compiling() else compiled_rows(kind)
 
 
-_decoding = threading.local()
+# Decode steps opt in (a module global rather than a thread-local: compiled code reads and guards on it;
+# one thread runs the engine).
+_decoding = False
 
 
 @contextlib.contextmanager
@@ -59,17 +70,17 @@ def decode_step(active: bool = True):
     """Within it, few-row products take the fused reduction. Only decode steps opt in: a short prompt's
     prefill stays on BLAS, so the first token never waits for the kernels to compile (that happens at
     the first decode step, once per process)."""
-    before = getattr(_decoding, "active", False)
-    _decoding.active = active
+    global _decoding
+    before = _decoding
+    _decoding = active
     try:
         yield
     finally:
-        _decoding.active = before
+        _decoding = before
 
 
 def use_fused(x: torch.Tensor) -> bool:
-    return (getattr(_decoding, "active", False) and x.device.type == "cpu" and x.numel() // x.shape[-1] <= FEW_ROWS
-            and not torch.is_grad_enabled())
+    return _decoding and x.device.type == "cpu" and x.numel() // x.shape[-1] <= FEW_ROWS and not torch.is_grad_enabled()
 
 
 def rows(x: torch.Tensor) -> torch.Tensor:

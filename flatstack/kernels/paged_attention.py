@@ -5,6 +5,10 @@ owns the blocks block_tables[b] (padded to a common width) and has lengths[b] ca
 of which is its query's own. The batched torch path picks every sequence's blocks in one index_select
 and puts the query heads sharing a KV head together as rows of one matmul, so the context is gathered
 once per layer and never repeated per query head. The reference loops over sequences and heads.
+
+`decode_attention_before_write` is the form a compiled decode step takes: the new token's key and value
+are not in the pool yet (they are written once, for every layer, after the step), so the compiled
+graph only reads the pool, picking blocks by index inside its loads, and never copies it.
 """
 
 from __future__ import annotations
@@ -67,4 +71,28 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, scale: floa
         logits = softcap * torch.tanh(logits / softcap)
     logits.masked_fill_(~context_mask(lengths, S, window)[None, :, None, :], float("-inf"))
     out = logits.softmax(-1).to(v.dtype) @ v  # [Hkv, B, group, D]
+    return out.transpose(0, 1).reshape(B, H, D)
+
+
+def decode_attention_before_write(q, k_new, v_new, k_pool, v_pool, block_tables, context_lengths, scale: float,
+                                  softcap: float | None = None, window: int | None = None) -> torch.Tensor:
+    """q [B, H, D]; k_new, v_new [B, Hkv, D], the new token's own key and value, not yet in the pools;
+    context_lengths [B] cached positions before it -> [B, H, D]: the same attention as writing the new
+    key and value at position context_lengths[b] and calling `paged_decode_attention`."""
+    B, H, D = q.shape
+    Hkv, _, bs, _ = k_pool.shape
+    S = block_tables.shape[1] * bs
+    k = k_pool[:, block_tables].reshape(Hkv, B, S, D)
+    v = v_pool[:, block_tables].reshape(Hkv, B, S, D)
+    qg = q.view(B, Hkv, H // Hkv, D).transpose(0, 1)  # [Hkv, B, group, D]
+    logits = torch.cat([qg @ k.transpose(-1, -2), (qg * k_new.transpose(0, 1)[:, :, None]).sum(-1, keepdim=True)],
+                       dim=-1).float() * scale  # [Hkv, B, group, S + 1]: the cached keys, then its own
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    pos = torch.arange(S + 1, device=q.device)[None, :]
+    visible = (pos < context_lengths[:, None]) | (pos == S)
+    if window is not None:  # the new token sits at position context_lengths[b]
+        visible &= (pos >= context_lengths[:, None] + 1 - window) | (pos == S)
+    probs = logits.masked_fill(~visible[None, :, None, :], float("-inf")).softmax(-1).to(v.dtype)
+    out = probs[..., :S] @ v + probs[..., S:] * v_new.transpose(0, 1)[:, :, None]  # [Hkv, B, group, D]
     return out.transpose(0, 1).reshape(B, H, D)
