@@ -227,6 +227,8 @@ def add_engine_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (default 512)")
     s.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt blocks")
     s.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantisation for inference")
+    s.add_argument("--enforce-eager", action="store_true",
+                   help="do not compile the decode step's blocks (no compile wait; slower decoding)")
 
 
 def add_sampling_args(s: argparse.ArgumentParser, temperature: float) -> None:
@@ -252,7 +254,7 @@ def engine_from_args(args):
     return LLM(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device,
                kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, prefix_caching=not args.no_prefix_caching,
-               quantize=args.quantize)
+               quantize=args.quantize, enforce_eager=args.enforce_eager)
 
 
 def sampling_from_args(args):

@@ -22,6 +22,8 @@ CONFIGS = {
     "llama": ModelConfig(**SMALL),
     "grok": preset("grok-1-tiny", vocab_size=TOK.get_vocab_size()),  # soft cap, sandwich norms, MoE
     "window": ModelConfig(**SMALL, sliding_window=7),
+    # dense, so its decode steps run through the compiled blocks: soft cap and Grok's four norms there
+    "softcap": ModelConfig(**SMALL, attn_logit_softcap=30.0, norm_layout="sandwich", activation="gelu_tanh"),
 }
 PROMPTS = ["Hello there, how", "a", "The quick brown fox jumps over the lazy dog, and then it " * 2,
            "0123456789" * 5, "xyz"]
@@ -47,6 +49,15 @@ def test_greedy_equals_the_contiguous_cache_reference(name):
     for prompt, out in zip(PROMPTS, outs, strict=True):
         assert out.token_ids == reference(llm, prompt, 24), prompt
         assert out.finish_reason == "length"
+
+
+def test_eager_decode_equals_the_compiled_blocks():
+    """--enforce-eager (every block called eagerly, keys and values written before attending) and the
+    compiled decode blocks (attending around the pool, written after the step) give the same tokens."""
+    eager, compiled = engine(enforce_eager=True), engine()
+    assert compiled.runner.compile_decode and not eager.runner.compile_decode
+    for a, b in zip(eager.generate(PROMPTS, GREEDY), compiled.generate(PROMPTS, GREEDY), strict=True):
+        assert a.token_ids == b.token_ids
 
 
 def mixed_batch(target: str) -> tuple[list, list]:

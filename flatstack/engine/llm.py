@@ -60,6 +60,7 @@ class LLM:
         max_num_batched_tokens: int = 512,
         prefix_caching: bool = True,
         quantize: str | None = None,
+        enforce_eager: bool = False,
         seed: int | None = None,
     ):
         from flatstack.checkpoint import load, tokenizer_files
@@ -92,7 +93,8 @@ class LLM:
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         if quantize not in (None, "int8", "int4"):
             raise ValueError(f"quantize must be int8 or int4; got {quantize!r}")
-        self.runner = ModelRunner(self.model, num_blocks, block_size, quantize or "float")
+        self.runner = ModelRunner(self.model, num_blocks, block_size, quantize or "float",
+                                  compile_decode=not enforce_eager)
         eos = cfg.eos_token_id
         if eos is None:
             eos = [i for i in (self.tokenizer.token_to_id(EOS), self.tokenizer.token_to_id(IM_END)) if i is not None]
