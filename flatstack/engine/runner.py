@@ -130,8 +130,9 @@ class PagedBatch:
     def run_compiled_block(self, block: Block, x, cos, sin, start: int, cache) -> torch.Tensor:
         layer = block.attn.layer
         self.layer_k_pool, self.layer_v_pool = self.pool.k[layer], self.pool.v[layer]
-        if x.shape[1] > 1:
-            torch._dynamo.maybe_mark_dynamic(x, 1)  # one graph for any number of sequences above one
+        if x.shape[1] > 1:  # one graph for 2..FEW_ROWS sequences: every tensor sized by them is symbolic
+            for t, dim in ((x, 1), (cos, 0), (sin, 0), (self.decode_tables, 0), (self.context_lengths, 0)):
+                torch._dynamo.maybe_mark_dynamic(t, dim)
         x = compiled_block()(block, x, cos, sin, start, cache)
         self.new_k.append(self.layer_k)
         self.new_v.append(self.layer_v)
