@@ -41,6 +41,7 @@ def test_bench_decode_reports_roofline_baseline_and_ratio(hf_llama):
     for side in ("flatstack", "baseline"):
         assert r[side]["decode_tokens_per_s"] > 0 and r[side]["fraction_of_roofline"] > 0
     assert r["ratio"] == pytest.approx(r["flatstack"]["decode_tokens_per_s"] / r["baseline"]["decode_tokens_per_s"])
+    assert r["flatstack"]["warm_up_s"] > 0
 
 
 def test_bench_throughput_reports_mfu_baseline_and_ratio(hf_llama):
