@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from flatstack.allocator import keep_freed_memory
 from flatstack.ceilings import matmul_flops, memory_bandwidth, sync
 from flatstack.model import ModelConfig, Transformer, model_stats
-from flatstack.train import TrainConfig, build_optimizers, keep_freed_memory, optimizer_step
+from flatstack.train import TrainConfig, build_optimizers, optimizer_step
 
 # GPT-2 small's size (12 layers, 768 wide, 124M parameters, context 256) in the Llama-style block, and a
 # Grok-style MoE with about as many active parameters per token.

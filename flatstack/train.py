@@ -8,7 +8,6 @@ into place, so a kill at any moment leaves the previous one whole.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from flatstack.allocator import keep_freed_memory
 from flatstack.ceilings import matmul_flops
 from flatstack.checkpoint import load, save
 from flatstack.data import DataError, TokenData
@@ -462,19 +462,6 @@ def optimizer_step(model: Transformer, forward, optimizers: list, batches: list,
         record["moe_aux_loss"] = aux_value
         record["moe_z_loss"] = z_value
     return record
-
-
-def keep_freed_memory() -> None:
-    """Stop glibc from handing large freed blocks back to the OS. By default every tensor above a few
-    MiB is a fresh mmap, so each step page-faults its activations, logits and gradients in again
-    (measured: a quarter of a GPT-2-small CPU step). A training process reuses the same sizes every
-    step, so it keeps the memory instead, as jemalloc or tcmalloc would. No-op off glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX: serve large blocks from the heap
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: do not shrink the heap when blocks are freed
-    except (OSError, AttributeError):
-        pass
 
 
 def append_jsonl(path: Path, record: dict) -> None:

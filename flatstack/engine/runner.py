@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flatstack.allocator import keep_freed_memory
 from flatstack.engine.sequence import Sequence
 from flatstack.kernels.linear import FEW_ROWS, LINEARS, decode_step
 from flatstack.kernels.paged_attention import decode_attention_before_write, gather_blocks, paged_decode_attention
@@ -162,6 +163,8 @@ class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, weights: str = "float",
                  compile_decode: bool = True):
         cpu = model.tok_embeddings.weight.device.type == "cpu"
+        if cpu:
+            keep_freed_memory()  # a step's gathered keys and values would be fresh mmaps, page-faulted each step
         if cpu or weights != "float":
             swap_linears(model, weights)
         self.model = model
