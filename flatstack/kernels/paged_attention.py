@@ -8,7 +8,7 @@ once per layer and never repeated per query head. The reference loops over seque
 
 `decode_attention_before_write` is the form a compiled decode step takes: the new token's key and value
 are not in the pool yet (they are written once, for every layer, after the step), so the compiled
-graph only reads the pool, picking blocks by index inside its loads, and never copies it.
+graph only reads the pool (gathering the blocks it needs) and never copies the pool itself.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ def context_mask(lengths: torch.Tensor, width: int, window: int | None) -> torch
 
 def gather_blocks(pool: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """pool [Hkv, num_blocks, bs, D], block ids [n] -> [Hkv, n, bs, D]: one index_select of whole rows over
-    the pool seen as [Hkv * num_blocks, bs * D], each row a plain copy (measured: 3.7x faster than one
-    index_select per head, 4.8x faster than advanced indexing along the blocks axis)."""
+    the pool seen as [Hkv * num_blocks, bs * D], each row a plain copy (in a 32-sequence decode step:
+    1.6x less time than one index_select per head, which was itself faster than advanced indexing
+    along the blocks axis)."""
     heads, blocks = pool.shape[:2]
     rows = (torch.arange(heads, device=ids.device)[:, None] * blocks + ids[None, :]).flatten()
     return pool.reshape(heads * blocks, -1).index_select(0, rows).view(heads, len(ids), *pool.shape[2:])
