@@ -104,6 +104,9 @@ class PagedBatch:
             self.run_block = self.run_compiled_block
             torch._dynamo.maybe_mark_dynamic(self.decode_tables, 1)  # contexts grow: one graph for all widths
             self.context_lengths = self.decode_lengths - 1
+            if self.num_decodes > 1:  # one graph for 2..FEW_ROWS sequences: what they size is symbolic
+                torch._dynamo.maybe_mark_dynamic(self.decode_tables, 0)
+                torch._dynamo.maybe_mark_dynamic(self.context_lengths, 0)
             self.new_k, self.new_v = [], []  # per layer [Hkv, N, D]
 
     def attend(self, layer: int, q, k, v, start: int, attend):
@@ -132,8 +135,8 @@ class PagedBatch:
     def run_compiled_block(self, block: Block, x, cos, sin, start: int, cache) -> torch.Tensor:
         layer = block.attn.layer
         self.layer_k_pool, self.layer_v_pool = self.pool.k[layer], self.pool.v[layer]
-        if x.shape[1] > 1:  # one graph for 2..FEW_ROWS sequences: every tensor sized by them is symbolic
-            for t, dim in ((x, 1), (cos, 0), (sin, 0), (self.decode_tables, 0), (self.context_lengths, 0)):
+        if x.shape[1] > 1:  # as the tables in __init__: the step's activations and rotations
+            for t, dim in ((x, 1), (cos, 0), (sin, 0)):
                 torch._dynamo.maybe_mark_dynamic(t, dim)
         x = compiled_block()(block, x, cos, sin, start, cache)
         self.new_k.append(self.layer_k)
