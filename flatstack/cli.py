@@ -364,8 +364,10 @@ def cmd_bench(args) -> None:
             raise CommandError(f"bench {args.what} needs --model (a .gguf file or a Hugging Face folder for the "
                                "transformers baseline; a native checkpoint with --no-baseline)")
         if args.what == "decode":
+            if args.repeats < 1:
+                raise CommandError(f"--repeats must be at least 1; got {args.repeats}")
             report = bench.bench_decode(args.model, args.prompt_tokens, args.max_tokens, args.quantize,
-                                        not args.no_baseline)
+                                        not args.no_baseline, args.repeats)
         else:
             report = bench.bench_throughput(args.model, args.num_requests, tuple(args.prompt_range),
                                             tuple(args.output_range), args.quantize, not args.no_baseline,
@@ -466,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-baseline", action="store_true", help="decode, throughput: skip transformers")
     s.add_argument("--prompt-tokens", type=int, default=128, help="decode: prompt length (default 128)")
     s.add_argument("--max-tokens", type=int, default=128, help="decode: tokens generated (default 128)")
+    s.add_argument("--repeats", type=int, default=3,
+                   help="decode: runs, each between two bandwidth measurements; the median is reported (default 3)")
     s.add_argument("--num-requests", type=int, default=32, help="throughput, serve: requests (default 32)")
     s.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64],
                    help="serve: max concurrencies to run, each a load of its own (default 1 4 16 64)")

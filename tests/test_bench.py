@@ -34,8 +34,14 @@ def hf_llama(tmp_path_factory):
 def test_bench_decode_reports_roofline_baseline_and_ratio(hf_llama):
     from flatstack.bench import bench_decode
 
-    r = bench_decode(str(hf_llama), prompt_tokens=16, max_tokens=8)
+    r = bench_decode(str(hf_llama), prompt_tokens=16, max_tokens=8, repeats=3)
     assert r["ceiling"]["memory_read_bandwidth_bytes_per_s"] > 0 and r["bytes_per_token"] > 0
+    runs = r["flatstack"]["runs"]
+    assert len(runs) == 3  # the summary is the run with the median fraction, each against its own bandwidth
+    assert sorted(x["fraction_of_roofline"] for x in runs)[1] == r["flatstack"]["fraction_of_roofline"]
+    for x in runs + [r["baseline"]]:
+        assert x["fraction_of_roofline"] == pytest.approx(
+            x["decode_tokens_per_s"] * r["bytes_per_token"] / x["memory_read_bandwidth_bytes_per_s"])
     assert r["roofline_tokens_per_s"] == pytest.approx(r["ceiling"]["memory_read_bandwidth_bytes_per_s"]
                                                        / r["bytes_per_token"])
     for side in ("flatstack", "baseline"):
