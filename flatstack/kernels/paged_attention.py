@@ -82,10 +82,10 @@ def decode_attention_before_write(q, k_new, v_new, k_pool, v_pool, block_tables,
     B, H, D = q.shape
     Hkv, _, bs, _ = k_pool.shape
     S = block_tables.shape[1] * bs
-    k = k_pool[:, block_tables].reshape(Hkv, B, S, D)
-    v = v_pool[:, block_tables].reshape(Hkv, B, S, D)
+    k = k_pool[:, block_tables].reshape(Hkv, B, 1, S, D)
+    v = v_pool[:, block_tables].reshape(Hkv, B, 1, S, D)
     qg = q.view(B, Hkv, H // Hkv, D).transpose(0, 1)  # [Hkv, B, group, D]
-    logits = torch.cat([qg @ k.transpose(-1, -2), (qg * k_new.transpose(0, 1)[:, :, None]).sum(-1, keepdim=True)],
+    logits = torch.cat([(qg[:, :, :, None] * k).sum(-1), (qg * k_new.transpose(0, 1)[:, :, None]).sum(-1, keepdim=True)],
                        dim=-1).float() * scale  # [Hkv, B, group, S + 1]: the cached keys, then its own
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
@@ -94,5 +94,5 @@ def decode_attention_before_write(q, k_new, v_new, k_pool, v_pool, block_tables,
     if window is not None:  # the new token sits at position context_lengths[b]
         visible &= (pos >= context_lengths[:, None] + 1 - window) | (pos == S)
     probs = logits.masked_fill(~visible[None, :, None, :], float("-inf")).softmax(-1).to(v.dtype)
-    out = probs[..., :S] @ v + probs[..., S:] * v_new.transpose(0, 1)[:, :, None]  # [Hkv, B, group, D]
+    out = (probs[..., :S, None] * v).sum(-2) + probs[..., S:] * v_new.transpose(0, 1)[:, :, None]  # [Hkv, B, group, D]
     return out.transpose(0, 1).reshape(B, H, D)
