@@ -3,9 +3,10 @@
 Decoding multiplies a few rows by every weight matrix once per token, so it is bound by the bytes of
 weight read, not by arithmetic. On this project's CPUs the BLAS matrix-vector path reads float32
 weights at about a third of the memory bandwidth, and torch's packed int8/int4 CPU kernels read
-0.6-2.5 GB/s of weights with float32 activations (measured on an AVX-512 Zen 4). The fast path here is one fused reduction per product, compiled by
-TorchInductor into a vectorised C++ loop: each weight byte is read once, and quantised weights are
-unpacked and scaled inside the loop, so int8 reads a quarter and int4 an eighth of float32's bytes.
+0.6-2.5 GB/s of weights with float32 activations (measured on an AVX-512 Zen 4). The fast path here
+is one fused reduction per product, compiled by TorchInductor into a vectorised C++ loop: each weight
+byte is read once, and quantised weights are unpacked and scaled inside the loop, so int8 reads a
+quarter and int4 an eighth of float32's bytes.
 Many rows (a prompt) are compute-bound: they go through the BLAS GEMM, on float weights (dequantised
 for the call when quantised).
 
