@@ -215,8 +215,36 @@ def random_prompt(vocab_size: int, n: int, seed: int) -> list[int]:
     return torch.randint(min(100, vocab_size - 1), vocab_size, (n,), generator=gen).tolist()
 
 
+LLAMA_CPP_DECODE = """
+import json, sys, time
+from llama_cpp import Llama
+path, prompt, max_tokens, threads = json.loads(sys.argv[1])
+llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=len(prompt) + max_tokens,
+            n_batch=len(prompt), verbose=False)
+def run():
+    t0, stamps = time.perf_counter(), []
+    for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+        stamps.append(time.perf_counter())
+        if len(stamps) == max_tokens:
+            break
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), stamps[0] - t0
+run()  # warm-up
+print(json.dumps(run()))
+"""
+
+
+def llama_cpp_decode(gguf: str, prompt: list[int], max_tokens: int) -> tuple[float, float]:
+    """Greedy decode tokens/s and time to first token of llama.cpp (llama-cpp-python) on the same GGUF file
+    with as many threads as torch uses, in a process of its own (two OpenMP-style thread pools in one
+    process would compete for the cores)."""
+    args = json.dumps([gguf, prompt, max_tokens, torch.get_num_threads()])
+    out = subprocess.run([sys.executable, "-c", LLAMA_CPP_DECODE, args], check=True, capture_output=True, text=True)
+    tokens_per_s, first = json.loads(out.stdout.strip().splitlines()[-1])
+    return tokens_per_s, first
+
+
 def bench_decode(model_path: str, prompt_tokens: int = 128, max_tokens: int = 128, quantize: str | None = None,
-                 baseline: bool = True, repeats: int = 3) -> dict:
+                 baseline: bool = True, repeats: int = 3, llama_cpp: bool = False) -> dict:
     """Batch-1 decode after warm-up, `repeats` times. The read bandwidth is measured right before and right
     after each run and the higher of the two is that run's ceiling: on a shared machine the bandwidth
     moves by more than half from minute to minute, and a ceiling measured at another moment than the run
@@ -285,6 +313,16 @@ def bench_decode(model_path: str, prompt_tokens: int = 128, max_tokens: int = 12
 
         report["baseline"] = {"name": f"transformers {transformers.__version__} generate, float32", **run}
         report["ratio"] = report["flatstack"]["decode_tokens_per_s"] / run["decode_tokens_per_s"]
+    if llama_cpp:  # the issue's bar for quantised weights: llama.cpp on the same file
+        import llama_cpp as lc
+
+        runs = [measured(lambda: llama_cpp_decode(model_path, prompt, max_tokens)) for _ in range(repeats)]
+        for r in runs:  # it reads the file's own quantised bytes, not the bytes_per_token above
+            del r["fraction_of_roofline"]
+        run = sorted(runs, key=lambda r: r["decode_tokens_per_s"])[(repeats - 1) // 2]
+        report["llama_cpp"] = {"name": f"llama.cpp (llama-cpp-python {lc.__version__}), the GGUF file as stored, "
+                                       f"{torch.get_num_threads()} threads", **run, "runs": runs}
+        report["ratio_to_llama_cpp"] = report["flatstack"]["decode_tokens_per_s"] / run["decode_tokens_per_s"]
     return report
 
 

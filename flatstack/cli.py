@@ -366,8 +366,15 @@ def cmd_bench(args) -> None:
         if args.what == "decode":
             if args.repeats < 1:
                 raise CommandError(f"--repeats must be at least 1; got {args.repeats}")
+            if args.llama_cpp:
+                import importlib.util
+
+                if not args.model.endswith(".gguf"):
+                    raise CommandError(f"--llama-cpp needs a .gguf file; got {args.model}")
+                if importlib.util.find_spec("llama_cpp") is None:
+                    raise CommandError("--llama-cpp needs llama-cpp-python: pip install llama-cpp-python")
             report = bench.bench_decode(args.model, args.prompt_tokens, args.max_tokens, args.quantize,
-                                        not args.no_baseline, args.repeats)
+                                        not args.no_baseline, args.repeats, args.llama_cpp)
         else:
             report = bench.bench_throughput(args.model, args.num_requests, tuple(args.prompt_range),
                                             tuple(args.output_range), args.quantize, not args.no_baseline,
@@ -468,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-baseline", action="store_true", help="decode, throughput: skip transformers")
     s.add_argument("--prompt-tokens", type=int, default=128, help="decode: prompt length (default 128)")
     s.add_argument("--max-tokens", type=int, default=128, help="decode: tokens generated (default 128)")
+    s.add_argument("--llama-cpp", action="store_true",
+                   help="decode: also llama.cpp on the same .gguf file (needs pip install llama-cpp-python)")
     s.add_argument("--repeats", type=int, default=3,
                    help="decode: runs, each between two bandwidth measurements; the median is reported (default 3)")
     s.add_argument("--num-requests", type=int, default=32, help="throughput, serve: requests (default 32)")

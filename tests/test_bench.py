@@ -57,3 +57,12 @@ def test_bench_throughput_reports_mfu_baseline_and_ratio(hf_llama):
     assert 6 * 2 <= r["output_tokens"] <= 6 * 6
     assert r["flatstack"]["mfu"] > 0 and r["baseline"]["mfu"] > 0
     assert r["ratio"] == pytest.approx(r["baseline"]["seconds"] / r["flatstack"]["seconds"])
+
+
+def test_bench_decode_names_bad_options(hf_llama, capsys):
+    from flatstack.cli import main
+
+    assert main(["bench", "decode", "--model", str(hf_llama), "--repeats", "0"]) == 1
+    assert "--repeats must be at least 1; got 0" in capsys.readouterr().err
+    assert main(["bench", "decode", "--model", str(hf_llama), "--llama-cpp"]) == 1
+    assert f"--llama-cpp needs a .gguf file; got {hf_llama}" in capsys.readouterr().err

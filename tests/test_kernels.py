@@ -49,6 +49,42 @@ def test_inference_linears_match_their_reference(kind, rows):
     assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
+@pytest.mark.parametrize("n, k", [(96, 64), (4 * 7 + 3, 16 * 5 + 9), (2, 7), (1536, 576)])  # row and lane tails
+def test_native_int8_kernel_and_compiled_reduction_match_the_reference(n, k):
+    """The C kernel (the int8 LM head, eager decode) and the TorchInductor reduction (inside compiled
+    decode blocks) against dequantise-then-matmul, for every row count a decode step can have."""
+    from flatstack.kernels import native
+    from flatstack.kernels.linear import FEW_ROWS, Int8Linear, compiled_rows
+
+    assert native.library() is not None  # a C compiler is there wherever TorchInductor runs on the CPU
+    gen = torch.Generator().manual_seed(3)
+    layer = Int8Linear(torch.randn(n, k, generator=gen))
+    for m in range(1, FEW_ROWS + 1):
+        x = torch.randn(m, k, generator=gen)
+        ref = layer.reference(x)
+        for out in (native.int8_rows(x, layer.q, layer.scale), compiled_rows("int8")(x, layer.q, layer.scale)):
+            assert out.shape == (m, n)
+            assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_without_a_c_compiler_int8_falls_back_to_the_compiled_reduction(monkeypatch, tmp_path):
+    from flatstack.kernels import linear, native
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built there yet
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    native.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="no C compiler"):
+            assert native.library() is None
+        layer = linear.Int8Linear(torch.randn(40, 32, generator=torch.Generator().manual_seed(4)))
+        x = torch.randn(1, 32)
+        with torch.no_grad(), linear.decode_step():
+            assert not linear.use_native(x, layer.scale)
+            torch.testing.assert_close(layer(x), layer.reference(x), rtol=1e-5, atol=1e-5)
+    finally:
+        native.library.cache_clear()
+
+
 @pytest.mark.parametrize("kind, bound", [("int8", 0.01), ("int4", 0.1)])
 def test_quantised_weights_stay_close_to_float(kind, bound):
     from flatstack.kernels.linear import LINEARS

@@ -7,6 +7,8 @@ weights at about a third of the memory bandwidth, and torch's packed int8/int4 C
 is one fused reduction per product, compiled by TorchInductor into a vectorised C++ loop: each weight
 byte is read once, and quantised weights are unpacked and scaled inside the loop, so int8 reads a
 quarter and int4 an eighth of float32's bytes.
+Products called outside a compiled graph (the int8 LM head of every decode step) run in a C loop
+instead, kernels/int8_rows.c, which prefetches the weight rows ahead of the reduction.
 Many rows (a prompt) are compute-bound: they go through the BLAS GEMM, on float weights (dequantised
 for the call when quantised).
 
@@ -21,6 +23,8 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from flatstack.kernels import native
 
 FEW_ROWS = 6  # at most this many rows take the fused reduction (measured: faster than BLAS up to 4-6)
 INT4_GROUP = 32
@@ -84,6 +88,12 @@ def use_fused(x: torch.Tensor) -> bool:
     return _decoding and x.device.type == "cpu" and x.numel() // x.shape[-1] <= FEW_ROWS and not torch.is_grad_enabled()
 
 
+def use_native(x: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Outside compiled graphs, float32 int8 products go to the C kernel (kernels/native.py) if it built."""
+    return (not torch.compiler.is_compiling() and x.dtype == torch.float32 and scale.dtype == torch.float32
+            and native.library() is not None)
+
+
 def rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
@@ -123,7 +133,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not use_fused(x):
             return self.reference(x)
-        y = fused("int8")(rows(x), self.q, self.scale).to(x.dtype).view(*x.shape[:-1], -1)
+        if use_native(x, self.scale):  # called eagerly (the LM head): the C kernel
+            y = native.int8_rows(rows(x), self.q, self.scale).view(*x.shape[:-1], -1)
+        else:
+            y = fused("int8")(rows(x), self.q, self.scale).to(x.dtype).view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
 

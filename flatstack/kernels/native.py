@@ -1,0 +1,88 @@
+"""The C kernel beside this file (int8_rows.c), built on first use with the machine's C compiler (the one
+TorchInductor needs anyway on CPUs) for this CPU's instruction set, cached by source, compiler and CPU,
+and called through ctypes.
+
+It serves the int8 products that run outside a compiled graph: the LM head of every decode step, and
+every linear under `--enforce-eager`. Inside the compiled decode blocks the products stay TorchInductor
+reductions, fused with the ops around them (a call out of the graph costs more than it saves there).
+Where no compiler works, `library()` is None and callers keep the compiled reduction.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("int8_rows.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC"]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "flatstack" / "kernels"
+
+
+def cpu_signature() -> str:
+    """What -march=native compiles for: the CPU's feature flags (a cached build is not reused on another)."""
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.processor() or platform.machine()
+
+
+def build(out: Path) -> None:
+    compilers = [c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)]
+    if not compilers:
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+    errors = []
+    # OpenMP threads: the library then shares the OpenMP runtime torch has already loaded
+    for compiler in compilers:
+        for openmp in (["-fopenmp"], []):
+            cmd = [compiler, "-x", "c", str(SOURCE), *FLAGS, *openmp, "-o", str(out)]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode == 0:
+                return
+            errors.append(f"{' '.join(cmd)}: {result.stderr.strip()[-400:]}")
+    raise RuntimeError("could not build the int8 kernel:\n" + "\n".join(errors))
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + cpu_signature().encode()).hexdigest()[:16]
+    try:
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"int8_rows-{key}.so"
+        if not path.exists():
+            with tempfile.TemporaryDirectory(dir=folder) as tmp:  # built aside, then renamed in: atomic
+                built = Path(tmp) / path.name
+                build(built)
+                os.replace(built, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError) as e:
+        warnings.warn(f"the native int8 kernel is unavailable, using the compiled reduction: {e}", stacklevel=2)
+        return None
+    lib.int8_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    lib.int8_rows.restype = None
+    return lib
+
+
+def int8_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32, q [N, K] int8, scale [N] float32 -> [M, N] float32 (the C kernel)."""
+    lib = library()
+    assert lib is not None, "int8_rows called without the native library"
+    x, q, scale = x.contiguous(), q.contiguous(), scale.contiguous()
+    y = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
+    lib.int8_rows(x.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), x.shape[0], q.shape[0], q.shape[1])
+    return y
