@@ -4,7 +4,7 @@
    Decoding is bound by the bytes of weight read. Two things make this loop read faster than the
    reduction TorchInductor generates for the same product (measured on the int8 LM head of
    SmolLM2-135M, 28 MB: 0.75-0.86 ms against 1.0-1.9 ms):
-   - a software prefetch of the rows a few steps ahead: rows of 576 bytes end before the hardware
+   - a software prefetch of the next step's rows: rows of 576 bytes end before the hardware
      prefetcher has ramped up (measured 15 GB/s without it, 37-48 GB/s with it);
    - four output rows per step, so four independent accumulators share each load of x. */
 

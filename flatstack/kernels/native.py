@@ -1,5 +1,5 @@
 """The C kernel beside this file (int8_rows.c), built on first use with the machine's C compiler (the one
-TorchInductor needs anyway on CPUs) for this CPU's instruction set, cached by source, compiler and CPU,
+TorchInductor needs anyway on CPUs) for this CPU's instruction set, cached by source, flags and CPU,
 and called through ctypes.
 
 It serves the int8 products that run outside a compiled graph: the LM head of every decode step, and
