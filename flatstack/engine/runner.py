@@ -9,10 +9,9 @@ training `Transformer`; only its linears are swapped for inference ones (kernels
 Decode steps of at most FEW_ROWS sequences on the CPU call each block through one TorchInductor-compiled
 `Block.forward` (one graph serves every layer: the layer's slice of the pool is handed in as a tensor):
 the norms, projections, RoPE, attention and FFN of a layer run as one C++ graph instead of some forty
-eager ops and seven compiled calls. Inside it the pool
-is only read; each layer's new keys and values come out of the graph beside its output and are written
-into the pool for all layers at once after the step, since a compiled graph that wrote into the pool
-would copy it.
+eager ops and seven compiled calls. Inside it the pool is only read; each layer's new keys and values
+come out of the graph beside its output and are written into the pool for all layers at once after the
+step, since a compiled graph that wrote into the pool would copy it.
 """
 
 from __future__ import annotations

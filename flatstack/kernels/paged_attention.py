@@ -8,7 +8,7 @@ once per layer and never repeated per query head. The reference loops over seque
 
 `decode_attention_before_write` is the form a compiled decode step takes: the new token's key and value
 are not in the pool yet (they are written once, for every layer, after the step), so the compiled
-graph only reads the pool (gathering the blocks it needs) and never copies the pool itself.
+graph only reads the pool, through the block table inside its own loops, and never copies it.
 """
 
 from __future__ import annotations
