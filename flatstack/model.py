@@ -204,9 +204,9 @@ class KVCache:
     """
 
     positions = None  # the contiguous cache follows `start`; a paged batch carries per-token positions
-    # how each block is called: None is `block(x, cos, sin, start, cache)`; the engine's decode steps
-    # pass the same call compiled (engine/runner.py)
-    run_block = None
+    # how the stack of blocks runs: None is each `block(x, cos, sin, start, cache)` in turn; the engine's
+    # decode steps run the same blocks compiled, several to a graph (engine/runner.py)
+    run_blocks = None
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device=None):
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -427,12 +427,12 @@ class Transformer(nn.Module):
             x = x * cfg.embedding_multiplier
         cos, sin = rope_cos_sin(rope_frequencies(cfg, tokens.device), positions, x.dtype)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        run_block = None if cache is None else cache.run_block
+        run_blocks = None if cache is None else cache.run_blocks
+        if run_blocks is not None:
+            return self.norm(run_blocks(self.layers, x, cos, sin, start))
         for layer in self.layers:
             if recompute:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, start, cache, use_reentrant=False)
-            elif run_block is not None:
-                x = run_block(layer, x, cos, sin, start, cache)
             else:
                 x = layer(x, cos, sin, start, cache)
         return self.norm(x)

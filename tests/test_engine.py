@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from flatstack import LLM, SamplingParams
-from flatstack.engine import RequestError
+from flatstack.engine import RequestError, runner
+from flatstack.engine.runner import group_size
 from flatstack.engine.sampling import apply_penalties, filter_logits
 from flatstack.generate import generate
 from flatstack.model import ModelConfig, Transformer, preset
@@ -58,6 +59,29 @@ def test_eager_decode_equals_the_compiled_blocks():
     assert compiled.runner.compile_decode and not eager.runner.compile_decode
     for a, b in zip(eager.generate(PROMPTS, GREEDY), compiled.generate(PROMPTS, GREEDY), strict=True):
         assert a.token_ids == b.token_ids
+
+
+def test_group_size_divides_the_layers():
+    assert [group_size(n) for n in (30, 32, 24, 2, 7)] == [6, 4, 6, 2, 1]
+
+
+def test_compiled_groups_follow_each_layer_and_share_its_weights(monkeypatch):
+    """Several groups of several blocks (4 layers in groups of 2): the tokens of eager decoding, and every
+    block's weights views of the stacked tensors the groups read, not copies."""
+    monkeypatch.setattr(runner, "GROUP", 2)
+    cfg = ModelConfig(**{**SMALL, "n_layers": 4})
+    eager = LLM(Transformer(cfg).init_weights(seed=3, std=0.2).eval(), TOK, enforce_eager=True)
+    compiled = LLM(Transformer(cfg).init_weights(seed=3, std=0.2).eval(), TOK)
+    for a, b in zip(eager.generate(PROMPTS, GREEDY), compiled.generate(PROMPTS, GREEDY), strict=True):
+        assert a.token_ids == b.token_ids
+    groups = compiled.runner.decode_groups.groups
+    assert len(groups) == 2
+    for g, (weights, _, _) in enumerate(groups):
+        for i in range(2):
+            layer = compiled.model.layers[2 * g + i]
+            for name, stacked in weights.items():
+                mine = layer.get_parameter(name) if name.endswith("norm.weight") else layer.get_buffer(name)
+                assert mine.data_ptr() == stacked[i].data_ptr(), name
 
 
 def mixed_batch(target: str) -> tuple[list, list]:
