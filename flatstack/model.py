@@ -429,7 +429,7 @@ class Transformer(nn.Module):
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         run_blocks = None if cache is None else cache.run_blocks
         if run_blocks is not None:
-            return self.norm(run_blocks(self.layers, x, cos, sin, start))
+            return self.norm(run_blocks(x, cos, sin, start))
         for layer in self.layers:
             if recompute:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, start, cache, use_reentrant=False)

@@ -186,7 +186,7 @@ class PagedBatch:
             offset += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
-    def run_compiled_groups(self, layers: nn.ModuleList, x, cos, sin, start: int) -> torch.Tensor:
+    def run_compiled_groups(self, x, cos, sin, start: int) -> torch.Tensor:
         if x.shape[1] > 1:  # as the tables in __init__: the step's activations and rotations
             for t, dim in ((x, 1), (cos, 0), (sin, 0)):
                 torch._dynamo.maybe_mark_dynamic(t, dim)
