@@ -67,7 +67,7 @@ def test_native_int8_kernel_and_compiled_reduction_match_the_reference(n, k):
             assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
-def test_without_a_c_compiler_int8_falls_back_to_the_compiled_reduction(monkeypatch, tmp_path):
+def test_without_a_c_compiler_the_kernels_fall_back_to_torch(monkeypatch, tmp_path):
     from flatstack.kernels import linear, native
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built there yet
@@ -81,6 +81,13 @@ def test_without_a_c_compiler_int8_falls_back_to_the_compiled_reduction(monkeypa
         with torch.no_grad(), linear.decode_step():
             assert not linear.use_native(x, layer.scale)
             torch.testing.assert_close(layer(x), layer.reference(x), rtol=1e-5, atol=1e-5)
+        # decode attention keeps its torch path
+        from flatstack.kernels import paged_attention as pa
+
+        k_pool, v_pool = torch.randn(2, 2, 6, 4, 8)
+        q, tables, lengths = torch.randn(2, 4, 8), torch.tensor([[3, 1], [5, 0]]), torch.tensor([7, 2])
+        torch.testing.assert_close(pa.decode_attention(q, k_pool, v_pool, tables, lengths, 0.3),
+                                   pa.reference(q, k_pool, v_pool, tables, lengths, 0.3), rtol=1e-5, atol=1e-5)
     finally:
         native.library.cache_clear()
 
@@ -107,6 +114,25 @@ def test_paged_decode_attention_matches_reference(softcap, window):
     ref = pa.reference(q, k_pool, v_pool, tables, lengths, 0.3, softcap, window)
     out = pa.paged_decode_attention(q, k_pool, v_pool, tables, lengths, 0.3, softcap, window)
     assert (out - ref).abs().max() <= 1e-5
+    # the C kernel (what decode_attention picks here): the same, reading the blocks where they lie
+    native_out = pa.decode_attention(q, k_pool, v_pool, tables, lengths, 0.3, softcap, window)
+    assert (native_out - ref).abs().max() <= 1e-5
+
+
+def test_native_decode_attention_on_a_real_sized_step():
+    """Query heads in groups of 3 over head_dim 64, 40 sequences of 1 to 300 positions in a shuffled pool."""
+    from flatstack.kernels import native
+    from flatstack.kernels import paged_attention as pa
+
+    gen = torch.Generator().manual_seed(5)
+    Hkv, blocks, bs, D, H, B = 3, 900, 16, 64, 9, 40
+    k_pool, v_pool = torch.randn(2, Hkv, blocks, bs, D, generator=gen)
+    tables = torch.randperm(blocks, generator=gen)[: B * 20].view(B, 20)
+    lengths = torch.randint(1, 20 * bs + 1, (B,), generator=gen)
+    q = torch.randn(B, H, D, generator=gen)
+    out = native.paged_decode(q, k_pool, v_pool, tables, lengths, 0.125)
+    torch.testing.assert_close(out, pa.paged_decode_attention(q, k_pool, v_pool, tables, lengths, 0.125),
+                               rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("softcap, window", [(None, None), (30.0, None), (None, 5)])

@@ -29,7 +29,7 @@ from torch.func import functional_call
 from flatstack.allocator import keep_freed_memory
 from flatstack.engine.sequence import Sequence
 from flatstack.kernels.linear import FEW_ROWS, LINEARS, decode_step
-from flatstack.kernels.paged_attention import decode_attention_before_write, gather_blocks, paged_decode_attention
+from flatstack.kernels.paged_attention import decode_attention, decode_attention_before_write, gather_blocks
 from flatstack.model import Block, Transformer
 
 
@@ -175,9 +175,8 @@ class PagedBatch:
         outs, offset = [], 0
         if self.num_decodes:
             B = self.num_decodes
-            out = paged_decode_attention(q[0, :, :B].transpose(0, 1), self.pool.k[layer], self.pool.v[layer],
-                                         self.decode_tables, self.decode_lengths, self.scale, self.softcap,
-                                         self.window)
+            out = decode_attention(q[0, :, :B].transpose(0, 1), self.pool.k[layer], self.pool.v[layer],
+                                   self.decode_tables, self.decode_lengths, self.scale, self.softcap, self.window)
             outs.append(out.transpose(0, 1).unsqueeze(0))
             offset = B
         for table, length, n in self.chunks:

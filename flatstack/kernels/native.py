@@ -1,11 +1,13 @@
-"""The C kernel beside this file (int8_rows.c), built on first use with the machine's C compiler (the one
-TorchInductor needs anyway on CPUs) for this CPU's instruction set, cached by source, flags and CPU,
-and called through ctypes.
-
-It serves the int8 products that run outside a compiled graph: the LM head of every decode step, and
-every linear under `--enforce-eager`. Inside the compiled decode blocks the products stay TorchInductor
-reductions, fused with the ops around them (a call out of the graph costs more than it saves there).
-Where no compiler works, `library()` is None and callers keep the compiled reduction.
+"""The C kernels beside this file, built on first use with the machine's C compiler (the one TorchInductor
+needs anyway on CPUs) for this CPU's instruction set into one library, cached by sources, flags and CPU,
+and called through ctypes:
+- int8_rows.c: the int8 products that run outside a compiled graph: the LM head of every decode step,
+  and every linear under `--enforce-eager`. Inside the compiled decode blocks the products stay
+  TorchInductor reductions, fused with the ops around them (a call out of the graph costs more than it
+  saves there).
+- paged_attention.c: decode attention through block tables for the decode steps that run eagerly (more
+  than FEW_ROWS sequences), reading each context where it lies in the pool instead of a gathered copy.
+Where no compiler works, `library()` is None and callers keep their torch paths.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("int8_rows.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("int8_rows.c", "paged_attention.c")]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC"]
 
 
@@ -49,21 +51,22 @@ def build(out: Path) -> None:
     # OpenMP threads: the library then shares the OpenMP runtime torch has already loaded
     for compiler in compilers:
         for openmp in (["-fopenmp"], []):
-            cmd = [compiler, "-x", "c", str(SOURCE), *FLAGS, *openmp, "-o", str(out)]
+            cmd = [compiler, "-x", "c", *map(str, SOURCES), *FLAGS, *openmp, "-lm", "-o", str(out)]
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode == 0:
                 return
             errors.append(f"{' '.join(cmd)}: {result.stderr.strip()[-400:]}")
-    raise RuntimeError("could not build the int8 kernel:\n" + "\n".join(errors))
+    raise RuntimeError("could not build the C kernels:\n" + "\n".join(errors))
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + cpu_signature().encode()).hexdigest()[:16]
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(sources + " ".join(FLAGS).encode() + cpu_signature().encode()).hexdigest()[:16]
     try:
         folder = cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"int8_rows-{key}.so"
+        path = folder / f"kernels-{key}.so"
         if not path.exists():
             with tempfile.TemporaryDirectory(dir=folder) as tmp:  # built aside, then renamed in: atomic
                 built = Path(tmp) / path.name
@@ -71,10 +74,12 @@ def library() -> ctypes.CDLL | None:
                 os.replace(built, path)
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError) as e:
-        warnings.warn(f"the native int8 kernel is unavailable, using the compiled reduction: {e}", stacklevel=2)
+        warnings.warn(f"the C kernels are unavailable, using the torch paths: {e}", stacklevel=2)
         return None
     lib.int8_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     lib.int8_rows.restype = None
+    lib.paged_decode.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float] * 2 + [ctypes.c_int64]
+    lib.paged_decode.restype = None
     return lib
 
 
@@ -86,3 +91,18 @@ def int8_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
     y = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
     lib.int8_rows(x.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), x.shape[0], q.shape[0], q.shape[1])
     return y
+
+
+def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
+                 lengths: torch.Tensor, scale: float, softcap: float | None = None,
+                 window: int | None = None) -> torch.Tensor:
+    """`paged_decode_attention` (kernels/paged_attention.py) for float32 CPU pools: the C kernel."""
+    lib = library()
+    assert lib is not None, "paged_decode called without the native library"
+    B, H, D = q.shape
+    Hkv, num_blocks, bs, _ = k_pool.shape
+    q, tables, lengths = q.contiguous(), block_tables.contiguous(), lengths.contiguous()
+    out = torch.empty_like(q)
+    lib.paged_decode(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), lengths.data_ptr(),
+                     out.data_ptr(), B, H, Hkv, D, num_blocks, bs, tables.shape[1], scale, softcap or 0.0, window or 0)
+    return out

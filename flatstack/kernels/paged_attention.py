@@ -6,6 +6,10 @@ of which is its query's own. The batched torch path picks every sequence's block
 and puts the query heads sharing a KV head together as rows of one matmul, so the context is gathered
 once per layer and never repeated per query head. The reference loops over sequences and heads.
 
+`decode_attention` picks the C kernel (paged_attention.c, through kernels/native.py) for float32 CPU
+pools: it reads each context where it lies, with no gathered copy (a 64-sequence step at contexts up to
+400: 2.7 ms a layer against 5.7 for the torch path).
+
 `decode_attention_before_write` is the form a compiled decode step takes: the new token's key and value
 are not in the pool yet (they are written once, for every layer, after the step), so the compiled
 graph only reads the pool, through the block table inside its own loops, and never copies it.
@@ -14,6 +18,8 @@ graph only reads the pool, through the block table inside its own loops, and nev
 from __future__ import annotations
 
 import torch
+
+from flatstack.kernels import native
 
 
 def context_mask(lengths: torch.Tensor, width: int, window: int | None) -> torch.Tensor:
@@ -72,6 +78,14 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, scale: floa
     logits.masked_fill_(~context_mask(lengths, S, window)[None, :, None, :], float("-inf"))
     out = logits.softmax(-1).to(v.dtype) @ v  # [Hkv, B, group, D]
     return out.transpose(0, 1).reshape(B, H, D)
+
+
+def decode_attention(q, k_pool, v_pool, block_tables, lengths, scale: float, softcap: float | None = None,
+                     window: int | None = None) -> torch.Tensor:
+    """`paged_decode_attention`, in C where it can run: float32 pools on the CPU, the kernels built."""
+    if q.device.type == "cpu" and q.dtype == k_pool.dtype == torch.float32 and native.library() is not None:
+        return native.paged_decode(q, k_pool, v_pool, block_tables, lengths, scale, softcap, window)
+    return paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, scale, softcap, window)
 
 
 def decode_attention_before_write(q, k_new, v_new, k_pool, v_pool, block_tables, context_lengths, scale: float,

@@ -1,0 +1,60 @@
+/* Decode attention through block tables for float32 pools: the C form of `paged_decode_attention`
+   (kernels/paged_attention.py), built and loaded by kernels/native.py.
+
+   The torch path gathers every sequence's blocks into one padded copy and runs small matmuls over it;
+   in a decode step of tens of sequences that copy, not the arithmetic, is most of the attention's time.
+   Here each (sequence, KV head) reads its keys and values where they lie in the pool, once, for all the
+   query heads that share them, and only up to the sequence's own length.
+
+   q [B, H, D]; pools [Hkv, num_blocks, bs, D]; tables [B, width]; lengths [B] (the query's own position
+   included) -> out [B, H, D]. softcap <= 0: none; window <= 0: none. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+void paged_decode(const float* q, const float* k_pool, const float* v_pool, const int64_t* tables,
+                  const int64_t* lengths, float* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                  int64_t num_blocks, int64_t bs, int64_t width, float scale, float softcap, int64_t window) {
+    int64_t group = H / Hkv;
+#pragma omp parallel for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t kv = 0; kv < Hkv; kv++) {
+            int64_t n = lengths[b];
+            int64_t first = window > 0 && n > window ? n - window : 0;
+            const int64_t* table = tables + b * width;
+            const float* qb = q + (b * H + kv * group) * D;
+            float* ob = out + (b * H + kv * group) * D;
+            float* logits = malloc(sizeof(float) * group * (n - first));
+            for (int64_t s = first; s < n; s++) {
+                const float* k = k_pool + ((kv * num_blocks + table[s / bs]) * bs + s % bs) * D;
+                for (int64_t g = 0; g < group; g++) {
+                    const float* qg = qb + g * D;
+                    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                    for (int64_t d = 0; d < D; d++) dot += qg[d] * k[d];
+                    dot *= scale;
+                    if (softcap > 0) dot = softcap * tanhf(dot / softcap);
+                    logits[g * (n - first) + s - first] = dot;
+                }
+            }
+            for (int64_t g = 0; g < group; g++) {
+                float* lg = logits + g * (n - first);
+                float top = -INFINITY, total = 0.0f;
+                for (int64_t s = 0; s < n - first; s++) top = lg[s] > top ? lg[s] : top;
+                for (int64_t s = 0; s < n - first; s++) total += lg[s] = expf(lg[s] - top);
+                for (int64_t s = 0; s < n - first; s++) lg[s] /= total;
+                for (int64_t d = 0; d < D; d++) ob[g * D + d] = 0.0f;
+            }
+            for (int64_t s = first; s < n; s++) {
+                const float* v = v_pool + ((kv * num_blocks + table[s / bs]) * bs + s % bs) * D;
+                for (int64_t g = 0; g < group; g++) {
+                    float p = logits[g * (n - first) + s - first];
+                    float* og = ob + g * D;
+                    for (int64_t d = 0; d < D; d++) og[d] += p * v[d];
+                }
+            }
+            free(logits);
+        }
+    }
+}
