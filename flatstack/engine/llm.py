@@ -45,7 +45,8 @@ class RequestOutput:
 class LLM:
     """The engine over one model. `model` is a path (native checkpoint, Hugging Face folder, .gguf file)
     or a `Transformer`, which is then adapted in place for inference (its linears swapped for the
-    kernels/linear.py ones), so pass a copy of a model that is still training."""
+    kernels/linear.py ones, its blocks' weights stacked for the compiled decode steps, engine/runner.py),
+    so pass a copy of a model that is still training."""
 
     def __init__(
         self,
