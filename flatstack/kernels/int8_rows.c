@@ -9,21 +9,12 @@
    - four output rows per step, so four independent accumulators share each load of x. */
 
 #include <stdint.h>
-#include <string.h>
+
+#include "vec.h"
 
 #define V 16 /* lanes per accumulator */
 #define R 4  /* output rows per step */
 #define AHEAD 1 /* prefetch distance, in steps of R rows (measured best of 1, 2, 4, 8, 16) */
-
-typedef float f16 __attribute__((vector_size(64)));
-typedef float f8 __attribute__((vector_size(32)));
-typedef float f4 __attribute__((vector_size(16)));
-
-static inline f16 load_x(const float* p) {
-    f16 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
 
 /* sixteen int8 weights as floats; GCC scalarises a generic int8 -> float vector conversion, so the
    x86 forms are spelled out */
@@ -48,19 +39,10 @@ static inline f16 load_q(const int8_t* p) {
 }
 #endif
 
-/* halves added in registers: a chain of sixteen scalar adds, or a spill to memory, costs as much as
-   the dot product of a short row */
-static inline float hsum(f16 a) {
-    f8 b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
-           __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
-    f4 c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
-    return (c[0] + c[2]) + (c[1] + c[3]);
-}
-
 static float dot(const float* x, const int8_t* q, int64_t K) {
     int64_t Kv = K - K % V;
     f16 a = {0};
-    for (int64_t k = 0; k < Kv; k += V) a += load_x(x + k) * load_q(q + k);
+    for (int64_t k = 0; k < Kv; k += V) a += load16(x + k) * load_q(q + k);
     float s = hsum(a);
     for (int64_t k = Kv; k < K; k++) s += x[k] * q[k];
     return s;
@@ -78,7 +60,7 @@ void int8_rows(const float* x, const int8_t* q, const float* scale, float* y, in
             f16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
             for (int64_t k = 0; k < Kv; k += V) {
                 if (m == 0) __builtin_prefetch(ahead + R * k);
-                f16 xv = load_x(xm + k);
+                f16 xv = load16(xm + k);
                 a0 += xv * load_q(q0 + k);
                 a1 += xv * load_q(q1 + k);
                 a2 += xv * load_q(q2 + k);

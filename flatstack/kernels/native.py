@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).with_name(name) for name in ("int8_rows.c", "paged_attention.c")]
+HEADERS = [Path(__file__).with_name("vec.h")]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC"]
 
 
@@ -61,7 +62,7 @@ def build(out: Path) -> None:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    sources = b"".join(source.read_bytes() for source in SOURCES)
+    sources = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
     key = hashlib.sha256(sources + " ".join(FLAGS).encode() + cpu_signature().encode()).hexdigest()[:16]
     try:
         folder = cache_dir()

@@ -12,29 +12,17 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
-typedef float f16 __attribute__((vector_size(64)));
-typedef float f8 __attribute__((vector_size(32)));
-typedef float f4 __attribute__((vector_size(16)));
+#include "vec.h"
 
-static inline f16 load16(const float* p) {
-    f16 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-/* the dot product of one query head and one key: sixteen lanes at a time and the halves added in
-   registers (a reduction the compiler leaves to a chain of scalar adds through memory costs more than
-   the products of a 64-wide head) */
+/* the dot product of one query head and one key, sixteen lanes at a time (the reduction the compiler
+   makes of a plain loop ends in a chain of scalar adds through memory, which costs more than the
+   products of a 64-wide head) */
 static inline float dot(const float* a, const float* b, int64_t D) {
     int64_t Dv = D - D % 16;
     f16 acc = {0};
     for (int64_t d = 0; d < Dv; d += 16) acc += load16(a + d) * load16(b + d);
-    f8 h = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7) +
-           __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
-    f4 c = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
-    float sum = (c[0] + c[2]) + (c[1] + c[3]);
+    float sum = hsum(acc);
     for (int64_t d = Dv; d < D; d++) sum += a[d] * b[d];
     return sum;
 }
