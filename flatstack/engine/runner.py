@@ -11,10 +11,10 @@ blocks to a graph: `Block.forward` unrolled over a group of consecutive layers (
 serving every group, so a layer's norms, projections, RoPE, attention and FFN are C++ loops instead of
 some forty eager ops. What a graph call costs beside its kernels grows with the tensors it takes (a
 guard on each, a size check, the outputs it wraps), so the blocks' weights are stacked by name, one
-[n_layers, ...] tensor each, with every block's own weights made views of it: a group takes a dozen
-tensors instead of two dozen a layer. Inside the graph the pool is only read; each layer's new keys and
-values come out of it and are written into the pool for all layers at once after the step, since a
-compiled graph that wrote into the pool would copy it.
+[n_layers, ...] tensor each, with every block's own weights made views of it: a group's graph takes one
+[G, ...] slice per weight name instead of every layer's own tensors. Inside the graph the pool is only
+read; each layer's new keys and values come out of it and are written into the pool for all layers at
+once after the step, since a compiled graph that wrote into the pool would copy it.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class KVPool:
 
 
 GROUP = 6  # blocks per compiled graph, at most (measured on SmolLM2's 30: int8 decode 98 -> 114 tok/s
-# against one graph a block; 10 a little faster again, but each block in a group adds ~4 s of compiling)
+# against one graph a block; 10 within noise of 6, 15 slower, and each block in a group adds ~4 s of compiling)
 
 
 def group_size(n_layers: int) -> int:
