@@ -238,7 +238,9 @@ def llama_cpp_decode(gguf: str, prompt: list[int], max_tokens: int) -> tuple[flo
     with as many threads as torch uses, in a process of its own (two OpenMP-style thread pools in one
     process would compete for the cores)."""
     args = json.dumps([gguf, prompt, max_tokens, torch.get_num_threads()])
-    out = subprocess.run([sys.executable, "-c", LLAMA_CPP_DECODE, args], check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", LLAMA_CPP_DECODE, args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise ChildProcessError(f"llama.cpp failed on {gguf} (exit {out.returncode}): {out.stderr.strip()[-600:]}")
     tokens_per_s, first = json.loads(out.stdout.strip().splitlines()[-1])
     return tokens_per_s, first
 

@@ -102,7 +102,9 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, bl
     assert lib is not None, "paged_decode called without the native library"
     B, H, D = q.shape
     Hkv, num_blocks, bs, _ = k_pool.shape
-    q, tables, lengths = q.contiguous(), block_tables.contiguous(), lengths.contiguous()
+    # the C loop indexes raw memory: contiguous float32 pools, int64 tables (no-ops for the engine's own)
+    q, k_pool, v_pool = q.contiguous(), k_pool.contiguous(), v_pool.contiguous()
+    tables, lengths = block_tables.long().contiguous(), lengths.long().contiguous()
     out = torch.empty_like(q)
     lib.paged_decode(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), lengths.data_ptr(),
                      out.data_ptr(), B, H, Hkv, D, num_blocks, bs, tables.shape[1], scale, softcap or 0.0, window or 0)
