@@ -342,8 +342,12 @@ def cmd_serve(args) -> None:
 
     llm = engine_from_args(args)
     name = args.served_model_name or Path(args.model).name
-    serve(llm, ServerConfig(served_model_name=name, api_key=args.api_key, max_queue=args.max_queue,
-                            max_body_bytes=args.max_body_bytes), args.host, args.port)
+    config = ServerConfig(
+        served_model_name=name, api_key=args.api_key, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+        metrics_without_key=args.metrics_without_key, header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout, keep_alive_timeout=args.keep_alive_timeout,
+        max_connections=args.max_connections, slow_reader_timeout=args.slow_reader_timeout)
+    serve(llm, config, args.host, args.port)
 
 
 def cmd_bench(args) -> None:
@@ -454,10 +458,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/ routes")
+    s.add_argument("--api-key", help="require Authorization: Bearer KEY on every route but /health")
     s.add_argument("--served-model-name", help="the model name clients ask for (default: the path's name)")
     s.add_argument("--max-queue", type=int, default=1024, help="sequences accepted at once; past it, 503")
-    s.add_argument("--max-body-bytes", type=parse_size, default="4M", help="largest request body (default 4M)")
+    s.add_argument("--max-body-bytes", type=parse_size, default="4M", help="largest request body, chunked or "
+                   "not (default 4M); past it, 413")
+    s.add_argument("--metrics-without-key", action="store_true", help="serve /metrics without the API key")
+    s.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a new connection to send its "
+                   "request's headers before it is closed (default 10)")
+    s.add_argument("--body-timeout", type=float, default=30.0, help="seconds for a request body to arrive; "
+                   "past it, 408 (default 30)")
+    s.add_argument("--keep-alive-timeout", type=float, default=5.0, help="seconds an idle connection stays "
+                   "open between requests (default 5)")
+    s.add_argument("--max-connections", type=int, default=512, help="connections open at once; past it, 503 "
+                   "(default 512)")
+    s.add_argument("--slow-reader-timeout", type=float, default=30.0, help="a stream whose client reads "
+                   "nothing this long is ended (default 30)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("bench", help="benchmarks against this machine's ceilings and a same-run baseline")

@@ -2,13 +2,8 @@
 API's shapes, streaming, concurrency, disconnecting clients, and bad input of every kind."""
 
 import asyncio
-import contextlib
 import json
 import os
-import re
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -16,57 +11,33 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openai import APIStatusError, AsyncOpenAI, OpenAI
+from serving import (
+    CHAT,
+    CONTEXT,
+    GOOD,
+    KEY,
+    MODEL,
+    C,
+    H,
+    assert_error_shape,
+    metric,
+    post,
+    running_server,
+    tiny_checkpoint,
+    wait_idle,
+)
 
-from flatstack.checkpoint import save
-from flatstack.model import ModelConfig, Transformer
 from flatstack.tokenizer import byte_tokenizer
-
-KEY = "sekret"
-MODEL = "tiny"
-CONTEXT = 256
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A tiny random model with a byte tokenizer (ChatML markers included)."""
-    folder = tmp_path_factory.mktemp("serve")
-    tok = byte_tokenizer()
-    tok.save(str(folder / "tokenizer.json"))
-    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                      head_dim=16, ffn_dim=128, max_seq_len=CONTEXT)
-    return save(Transformer(cfg).init_weights(seed=0, std=0.3), folder / "ckpt", tokenizer_dir=folder)
+    return tiny_checkpoint(tmp_path_factory.mktemp("serve"))
 
 
-@contextlib.contextmanager
-def running_server(ckpt, *extra: str):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flatstack.cli", "serve", str(ckpt), "--port", str(port), "--api-key", KEY,
-         "--served-model-name", MODEL, "--kv-cache-memory", "4M", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise AssertionError(f"server did not start: {proc.stdout.read()}")
-        time.sleep(0.2)
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+@pytest.fixture(scope="module")
+def slow_checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("slow"), d_model=512, n_layers=8, ffn_dim=2048)
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +52,7 @@ def client(server):
 
 
 def kv_used(server) -> int:
-    text = httpx.get(f"{server}/metrics").text
-    return int(re.search(r"^flatstack_kv_blocks_used (\d+)$", text, re.M).group(1))
+    return int(metric(server, "flatstack_kv_blocks_used"))
 
 
 GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
@@ -231,7 +201,7 @@ def test_tokenize_detokenize(server):
 
 def test_metrics_exposition(server, client):
     client.completions.create(model=MODEL, prompt="m", max_tokens=3, **GREEDY)
-    text = httpx.get(f"{server}/metrics").text
+    text = httpx.get(f"{server}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     for name in ("flatstack_requests_total{status=\"200\"}", "flatstack_prompt_tokens_total",
                  "flatstack_generation_tokens_total", "flatstack_num_requests_running",
                  "flatstack_num_requests_waiting", "flatstack_kv_blocks_used", "flatstack_kv_blocks_free",
@@ -243,9 +213,6 @@ def test_metrics_exposition(server, client):
 # ---------------------------------------------------------------------------------------------
 # bad input
 
-GOOD = {"model": MODEL, "prompt": "ok", "max_tokens": 2}
-CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "ok"}], "max_tokens": 2}
-C, H = "/v1/completions", "/v1/chat/completions"
 BAD = [
     # (name, path, body: dict, or bytes sent as they are, expected status)
     ("truncated json", C, b'{"model": "tiny", "prompt": ', 422),
@@ -314,20 +281,6 @@ BAD = [
 ]
 
 
-def post(server, path, body, key=KEY, **kw):
-    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
-    if isinstance(body, bytes):
-        return httpx.post(f"{server}{path}", content=body, headers={**headers, "content-type": "application/json"},
-                          **kw)
-    return httpx.post(f"{server}{path}", json=body, headers=headers, **kw)
-
-
-def assert_error_shape(r, status):
-    assert r.status_code == status, (r.status_code, r.text)
-    error = r.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"], error
-
-
 @pytest.mark.parametrize("name, path, body, status", BAD, ids=[b[0] for b in BAD])
 def test_bad_request_gets_its_status_and_the_server_goes_on(server, name, path, body, status):
     r = post(server, path, body)
@@ -385,14 +338,23 @@ def test_bench_serve_reports_vllm_metrics(server):
     for run in report["runs"]:
         assert run["completed"] == 6 and run["failed"] == 0
         assert run["output_tokens_per_s"] > 0 and run["request_throughput"] > 0
-        for metric in ("ttft_ms", "tpot_ms", "itl_ms"):
-            assert 0 < run[metric]["median"] <= run[metric]["p99"]
+        for name in ("ttft_ms", "tpot_ms", "itl_ms"):
+            assert 0 < run[name]["median"] <= run[name]["p99"]
     assert report["runs"][0]["output_tokens_per_s_ratio_to_first"] == 1.0
 
 
-def test_past_the_queue_limit_requests_get_503_and_retry_after(checkpoint):
-    with running_server(checkpoint, "--max-queue", "2") as url:
-        r = post(url, C, {**GOOD, "n": 3})  # three sequences at once: one past the limit
-        assert_error_shape(r, 503)
-        assert r.headers["retry-after"] == "1"
+def test_past_the_queue_limit_requests_get_503_and_retry_after(slow_checkpoint):
+    with running_server(slow_checkpoint, "--max-queue", "2", "--max-num-seqs", "1") as url:
+        assert_error_shape(post(url, C, {**GOOD, "n": 3}), 400)  # can never fit: not a retry later
+        body = {**GOOD, "n": 2, "max_tokens": 200, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{url}{C}", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()  # kept: a generator dropped here would close the stream
+            next(lines)  # both sequences are in: the queue is full
+            full = post(url, C, GOOD)
+            assert_error_shape(full, 503)
+            assert full.headers["retry-after"] == "1"
+            stream = post(url, C, {**GOOD, "stream": True})  # a stream is refused before it starts
+            assert_error_shape(stream, 503)
+        assert not any(wait_idle(url).values())  # the stream's client left: its slots came back
         assert post(url, C, {**GOOD, "n": 2}).status_code == 200

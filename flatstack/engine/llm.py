@@ -28,18 +28,30 @@ from flatstack.tokenizer import EOS, IM_END, chat_template_of, render_chat
 DEFAULT_KV_CACHE_MEMORY = 1 << 30
 
 
+def check_text(text: str, param: str) -> None:
+    """Text must be encodable as UTF-8: JSON lets a client send a lone surrogate ("\\ud800"), which the
+    tokenizer cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{param} is not valid Unicode: a lone surrogate at character {e.start}", param) from None
+
+
 @dataclass
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
-    token_ids: list[int]  # every generated token so far (a stop token is not included)
+    # every generated token so far (a stop token is not included), or only the new ones where the
+    # request's output_kind is "delta"; the same for `text` and `logprobs`
+    token_ids: list[int]
     text: str  # the decoded output so far, cut before a stop string
     delta_text: str  # what `text` gained since this request's last output (streaming)
     delta_token_ids: list[int]
     finished: bool
-    finish_reason: str | None  # "stop", "length" or "abort"
+    finish_reason: str | None  # "stop", "length", "abort" or "error"
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     logprobs: list[TokenLogprob] | None
+    error: str | None = None  # why this request failed (finish_reason "error"); other requests go on
 
 
 class LLM:
@@ -108,14 +120,17 @@ class LLM:
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt).ids
+            check_text(prompt, "prompt")
+            # encode_batch lets go of the GIL while it works (encode does not): a long prompt
+            # tokenised on a server's worker thread does not stall its event loop or the engine
+            return self.tokenizer.encode_batch([prompt])[0].ids
         if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise RequestError(f"a prompt is a string or a list of token ids; got {type(prompt).__name__}")
+            raise RequestError(f"a prompt is a string or a list of token ids; got {type(prompt).__name__}", "prompt")
         return list(prompt)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if self.chat_template is None:
-            raise RequestError("this model has no chat template")
+            raise RequestError("this model has no chat template", "messages")
         ids = {"bos_token": self.model.cfg.bos_token_id, "eos_token": min(self.eos_ids, default=None)}
         special = {name: (self.tokenizer.id_to_token(i) if i is not None else None) or "" for name, i in ids.items()}
         return render_chat(self.chat_template, messages, add_generation_prompt, **special)
@@ -128,19 +143,20 @@ class LLM:
         ids = self.encode(prompt)
         cfg = self.model.cfg
         if not ids:
-            raise RequestError("the prompt is empty")
+            raise RequestError("the prompt is empty", "prompt")
         bad = next((t for t in ids if not 0 <= t < cfg.vocab_size), None)
         if bad is not None:
-            raise RequestError(f"prompt token id {bad} is outside the vocabulary of size {cfg.vocab_size}")
+            raise RequestError(f"prompt token id {bad} is outside the vocabulary of size {cfg.vocab_size}", "prompt")
         if len(ids) >= cfg.max_seq_len:
-            raise RequestError(f"the prompt has {len(ids)} tokens; the model's context is {cfg.max_seq_len}")
+            raise RequestError(f"the prompt has {len(ids)} tokens; the model's context is {cfg.max_seq_len}", "prompt")
         if len(ids) + params.max_tokens > cfg.max_seq_len:
             raise RequestError(f"max_tokens {params.max_tokens} + {len(ids)} prompt tokens exceeds the model's "
-                               f"context of {cfg.max_seq_len} (at most {cfg.max_seq_len - len(ids)} new tokens)")
+                               f"context of {cfg.max_seq_len} (at most {cfg.max_seq_len - len(ids)} new tokens)",
+                               "max_tokens")
         need = self.blocks.blocks_for(len(ids) + params.max_tokens)
         if need > len(self.blocks.blocks):
             raise RequestError(f"the prompt and max_tokens need {need} KV blocks; the cache holds "
-                               f"{len(self.blocks.blocks)} (raise --kv-cache-memory)")
+                               f"{len(self.blocks.blocks)} (raise --kv-cache-memory)", "max_tokens")
         seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
         request_id = request_id if request_id is not None else str(next(self.counter))
         return Sequence(request_id, ids, len(ids), params, torch.Generator().manual_seed(seed))
@@ -169,7 +185,8 @@ class LLM:
     # -- stepping -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One forward pass over the scheduled batch; an output for every request that advanced."""
+        """One forward pass over the scheduled batch; an output for every request that advanced. A
+        request whose sampling or stop handling fails ends with an error output; the others go on."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
@@ -184,8 +201,15 @@ class LLM:
         outputs = []
         best = logits.argmax(-1).tolist()  # greedy rows without penalties need nothing more
         for seq, row, argmax in zip(sampling, logits, best, strict=True):
-            self.append_token(seq, row, argmax)
-            outputs.append(self.output(seq))
+            try:
+                self.append_token(seq, row, argmax)
+                out = self.output(seq)
+            except Exception as e:  # this request's own failure: end it alone
+                if not seq.finished:
+                    self.scheduler.finish(seq, "error")
+                out = self.error_output(seq, f"{type(e).__name__}: {e}")
+            if out is not None:
+                outputs.append(out)
             if seq.finished:
                 self.requests.pop(seq.request_id, None)
         return outputs
@@ -229,21 +253,36 @@ class LLM:
         seq.text += after[len(before) :]
         seq.detok_prefix, seq.detok_read = seq.detok_read, seq.num_output
 
-    def output(self, seq: Sequence) -> RequestOutput:
-        """What the request gained since its last output. While it runs, text that may still turn out
-        to start a stop string is held back."""
+    def output(self, seq: Sequence) -> RequestOutput | None:
+        """What the request gained since its last output (None where its output_kind is "final" and it
+        runs on). While it runs, text that may still turn out to start a stop string is held back."""
+        kind = seq.params.output_kind
+        if kind == "final" and not seq.finished:
+            return None
         text = seq.text
         if not seq.finished:
             hold = max((len(s) - 1 for s in seq.params.stop), default=0)
             text = text[: max(len(text) - hold, seq.num_emitted)]
         delta, seq.num_emitted = text[seq.num_emitted :], len(text)
-        tokens = seq.output_ids
-        delta_ids, seq.num_emitted_tokens = tokens[seq.num_emitted_tokens :], len(tokens)
+        emitted, seq.num_emitted_tokens = seq.num_emitted_tokens, seq.num_output
+        delta_ids = seq.token_ids[seq.num_prompt + emitted :]
+        logprobs = None
+        if seq.params.logprobs is not None:
+            logprobs = seq.logprobs[emitted:] if kind == "delta" else list(seq.logprobs)
+        if kind == "delta":
+            text, tokens = delta, delta_ids
+        else:
+            tokens = seq.output_ids
         return RequestOutput(
             request_id=seq.request_id, prompt_token_ids=seq.prompt_ids, token_ids=tokens, text=text,
             delta_text=delta, delta_token_ids=delta_ids, finished=seq.finished, finish_reason=seq.finish_reason,
-            num_cached_tokens=seq.num_cached, logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-        )
+            num_cached_tokens=seq.num_cached, logprobs=logprobs)
+
+    def error_output(self, seq: Sequence, error: str) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_ids, token_ids=[], text="", delta_text="",
+            delta_token_ids=[], finished=True, finish_reason="error", num_cached_tokens=seq.num_cached,
+            logprobs=None, error=error)
 
     def warm_up(self) -> None:
         """Run prefills and decode steps of two sequences and of one once, so the compiled decode graphs
@@ -301,6 +340,11 @@ class LLM:
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
         return self.generate([self.apply_chat_template(messages)], params)[0]
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the whole KV pool holds."""
+        return len(self.blocks.blocks) * self.blocks.block_size
 
     @property
     def stats(self) -> dict:
