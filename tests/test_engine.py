@@ -227,7 +227,7 @@ def test_penalties_change_greedy_output():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(temperature=-1), r"temperature must be in \[0, 100\]; got -1"),
-    (dict(temperature=math.nan), "temperature must be a number; got nan"),
+    (dict(temperature=math.nan), "temperature must be a finite number; got nan"),
     (dict(top_p=0), r"top_p must be in \(0, 1\]; got 0"),
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]; got 1.5"),
     (dict(max_tokens=0), "max_tokens must be an integer >= 1; got 0"),
