@@ -702,5 +702,6 @@ def test_mixed_load_with_a_hostile_request_every_second(server):
     assert hostile[7] == 400 and hostile[8] == 400 and hostile[5] == 401 and hostile[10] == 400, hostile
     assert idle(server) == {name: 0 for name in idle(server)} or not any(wait_idle(server).values())
     after = rss_bytes(server.pid)
+    print(f"load: {completed} well-formed requests, hostile {hostile}, rss {before >> 20} -> {after >> 20} MiB")
     assert abs(after - before) <= 0.1 * before, (before, after)
     assert metric(server, "flatstack_num_requests_running") == 0
