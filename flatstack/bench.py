@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from flatstack.allocator import keep_freed_memory
 from flatstack.ceilings import matmul_flops, memory_bandwidth, sync
 from flatstack.model import ModelConfig, Transformer, model_stats
-from flatstack.train import TrainConfig, build_optimizers, optimizer_step
+from flatstack.train import RouterLogits, TrainConfig, build_optimizers, optimizer_step
 
 # GPT-2 small's size (12 layers, 768 wide, 124M parameters, context 256) in the Llama-style block, and a
 # Grok-style MoE with about as many active parameters per token.
@@ -107,7 +107,8 @@ def flatstack_step(model: Transformer, x, y, device: torch.device, compile: bool
     forward = torch.compile(model.hidden) if compile else model.hidden
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
-    return lambda: optimizer_step(model, forward, optimizers, [(x, y, None)], cfg, 0, autocast)
+    router_logits = RouterLogits(model)
+    return lambda: optimizer_step(model, forward, router_logits, optimizers, [(x, y, None)], cfg, 0, autocast)
 
 
 def measure_side(name: str, side: str, small: bool, batch: int, warmup: int, steps: int, compile: bool,
@@ -195,18 +196,18 @@ def hf_reference(path: str, dtype: torch.dtype):
     raise ValueError(f"{path}: the transformers baseline needs a .gguf file or a Hugging Face folder")
 
 
-def bytes_per_decode_token(model: Transformer, context: float) -> int:
+def bytes_per_decode_token(model: Transformer, head: torch.nn.Module | None, context: float) -> int:
     """Weight bytes one decode step reads (every matrix once; of the embedding table, one row unless it
-    is also the LM head) plus the keys and values of `context` cached positions."""
+    is also the LM head; `head` is the engine's own LM head, if it has one) plus the keys and values of
+    `context` cached positions."""
     from flatstack.engine.runner import kv_bytes_per_token
 
-    skip = {"tok_embeddings.weight"} if (model.inference_head is not None or not model.cfg.tied_embeddings) else set()
-    if model.inference_head is not None:
+    skip = {"tok_embeddings.weight"} if (head is not None or not model.cfg.tied_embeddings) else set()
+    if head is not None:
         skip.add("output.weight")
-    state = model.state_dict()
-    weights = sum(t.nbytes for name, t in state.items() if name not in skip and not name.startswith("inference_head."))
-    if model.inference_head is not None:
-        weights += sum(t.nbytes for t in model.inference_head.state_dict().values())
+    weights = sum(t.nbytes for name, t in model.state_dict().items() if name not in skip)
+    if head is not None:
+        weights += sum(t.nbytes for t in head.state_dict().values())
     return int(weights + context * kv_bytes_per_token(model, model.tok_embeddings.weight.dtype))
 
 
@@ -257,9 +258,9 @@ def bench_decode(model_path: str, prompt_tokens: int = 128, max_tokens: int = 12
     model = llm.model
     prompt = random_prompt(model.cfg.vocab_size, prompt_tokens, 0)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    per_token = bytes_per_decode_token(model, prompt_tokens + max_tokens / 2)
+    per_token = bytes_per_decode_token(model, llm.runner.head, prompt_tokens + max_tokens / 2)
     t0 = time.perf_counter()
-    llm.warm_up()
+    llm.warm_up(wait=True)
     warm_up_s = time.perf_counter() - t0
 
     def measured(decode) -> dict:
@@ -350,7 +351,7 @@ def bench_throughput(model_path: str, num_requests: int = 32, prompt_range: tupl
     cfg = llm.model.cfg
     requests = throughput_requests(cfg.vocab_size, num_requests, prompt_range, output_range, seed)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in requests]
-    llm.warm_up()
+    llm.warm_up(wait=True)
     t0 = time.perf_counter()
     outs = llm.generate([p for p, _ in requests], params)
     ours_s = time.perf_counter() - t0

@@ -10,11 +10,11 @@ writes and reads it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
 
@@ -199,14 +199,8 @@ class KVCache:
 
     Attention hands the cache its queries and the new keys and values of positions start..start+T;
     the cache stores them and runs `attend` over everything cached up to start+T. The engine's paged
-    cache offers the same `attend` over block tables (and its own `positions`), so the model does not
-    know which one it writes to.
+    batch offers the same `attend` over block tables, so the model does not know which one it writes to.
     """
-
-    positions = None  # the contiguous cache follows `start`; a paged batch carries per-token positions
-    # how the stack of blocks runs: None is each `block(x, cos, sin, start, cache)` in turn; the engine's
-    # decode steps run the same blocks compiled, several to a graph (engine/runner.py)
-    run_blocks = None
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device=None):
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -306,8 +300,8 @@ class MoE(nn.Module):
     """Softmax router over all experts, top-k, each token sent to its k experts.
 
     Expert weights are stacked [E, out, in] so the whole layer is three tensors: what a grouped GEMM
-    kernel or an expert-parallel shard wants. `router_logits` of the last call are kept for the
-    training losses (load balance, z-loss).
+    kernel or an expert-parallel shard wants. The training losses read the router's logits (load
+    balance, z-loss) through a forward hook on `router` that the trainer installs.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -319,14 +313,12 @@ class MoE(nn.Module):
         self.w_up = nn.Parameter(torch.empty(E, Fd, D))
         self.w_down = nn.Parameter(torch.empty(E, D, Fd))
         self.act = ACTIVATIONS[cfg.activation]
-        self.router_logits: torch.Tensor | None = None
 
     def forward(self, x):
         cfg = self.cfg
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits = self.router(x).float()  # routing in float32, as both references do
-        self.router_logits = logits
         probs = torch.softmax(logits, dim=-1)
         weights, experts = probs.topk(cfg.experts_per_token, dim=-1)
         if cfg.renormalize_topk:
@@ -386,10 +378,6 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         if not cfg.tied_embeddings:
             self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        # Training memory for compute: recompute each block's activations in the backward pass.
-        self.activation_checkpointing = False
-        # Inference may swap the LM head for a fused or quantised one (engine/runner.py); None: head_weight.
-        self.inference_head: nn.Module | None = None
 
     def init_weights(self, seed: int | None = None, std: float = 0.02) -> Transformer:
         """Normal(0, std) matrices, residual outputs scaled by 1/sqrt(2 * n_layers), unit norms."""
@@ -411,43 +399,39 @@ class Transformer(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.cfg.tied_embeddings else self.output.weight
 
-    def hidden(self, tokens: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        """tokens [B, T] -> the final normed hidden states [B, T, D], before the LM head. Training feeds
-        these to the fused head-and-loss op, so the logits never exist whole."""
-        cfg = self.cfg
-        check_tokens(tokens, cfg.vocab_size)
-        T = tokens.shape[1]
-        positions = None if cache is None else cache.positions
-        if positions is None:
-            if start + T > cfg.max_seq_len:
-                raise ValueError(f"sequence of {start + T} positions exceeds max_seq_len={cfg.max_seq_len}")
-            positions = torch.arange(start, start + T, device=tokens.device)
+    # The parts, in the order a forward pass takes them; callers that run the blocks their own way (the
+    # engine's paged and compiled steps, the trainer's activation checkpointing) compose these.
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.tok_embeddings(tokens)
-        if cfg.embedding_multiplier != 1.0:
-            x = x * cfg.embedding_multiplier
-        cos, sin = rope_cos_sin(rope_frequencies(cfg, tokens.device), positions, x.dtype)
-        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        run_blocks = None if cache is None else cache.run_blocks
-        if run_blocks is not None:
-            return self.norm(run_blocks(x, cos, sin, start))
+        return x * self.cfg.embedding_multiplier if self.cfg.embedding_multiplier != 1.0 else x
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, head_dim] at the given positions."""
+        return rope_cos_sin(rope_frequencies(self.cfg, positions.device), positions, dtype)
+
+    def logits(self, hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The LM head: final hidden states [..., D] -> logits [..., V]; `head` is a replacement product
+        for the head's weight (the engine's fused or quantised one)."""
+        logits = F.linear(hidden, self.head_weight) if head is None else head(hidden)
+        return logits * self.cfg.output_multiplier if self.cfg.output_multiplier != 1.0 else logits
+
+    def hidden(self, tokens: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens [B, T] at positions start.. -> the final normed hidden states [B, T, D], before the LM
+        head. Training feeds these to the fused head-and-loss op, so the logits never exist whole."""
+        T = tokens.shape[1]
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} positions exceeds max_seq_len={self.cfg.max_seq_len}")
+        x = self.embed(tokens)
+        cos, sin = self.rope(torch.arange(start, start + T, device=tokens.device), x.dtype)
         for layer in self.layers:
-            if recompute:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, start, cache, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, start, cache)
+            x = layer(x, cos, sin, start, cache)
         return self.norm(x)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head: final hidden states [..., D] -> logits [..., V]."""
-        head = self.inference_head
-        logits = F.linear(hidden, self.head_weight) if head is None else head(hidden)
-        if self.cfg.output_multiplier != 1.0:
-            logits = logits * self.cfg.output_multiplier
-        return logits
-
     def forward(self, tokens: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        """tokens [B, T] int64 -> logits [B, T, V]. With a cache, tokens sit at positions start.. (or at
-        the cache's own per-token positions)."""
+        """tokens [B, T] int64 -> logits [B, T, V], the token ids checked first. With a cache, tokens sit at
+        positions start.."""
+        check_tokens(tokens, self.cfg.vocab_size)
         return self.logits(self.hidden(tokens, start, cache))
 
 

@@ -214,22 +214,44 @@ def token_loss_sum(model: Transformer, hidden: torch.Tensor, y: torch.Tensor, we
                                 None if weights is None else weights.flatten(), model.cfg.output_multiplier)
 
 
-def moe_losses(model: Transformer) -> tuple[torch.Tensor, torch.Tensor]:
+class RouterLogits:
+    """The router logits of every MoE layer's forwards since the last `take()`, captured by forward hooks
+    on the routers (the model keeps nothing for its callers)."""
+
+    def __init__(self, model: Transformer):
+        self.seen: list[tuple[torch.Tensor, MoE]] = []
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.router.register_forward_hook(lambda _, __, out, moe=m: self.seen.append((out.float(), moe)))
+
+    def take(self) -> list[tuple[torch.Tensor, MoE]]:
+        seen, self.seen = self.seen, []
+        return seen
+
+
+def moe_losses(routed: list[tuple[torch.Tensor, MoE]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Load-balancing loss (E * sum_e f_e P_e, Switch Transformer) and router z-loss, averaged over layers,
-    from the router logits each MoE layer kept in its last forward."""
+    from each MoE layer's router logits."""
     balance, z = [], []
-    for m in model.modules():
-        if isinstance(m, MoE) and m.router_logits is not None:
-            logits = m.router_logits
-            probs = logits.softmax(-1)
-            chosen = probs.topk(m.cfg.experts_per_token, dim=-1).indices
-            counts = torch.zeros_like(probs).scatter_(1, chosen, 1.0).mean(0) / m.cfg.experts_per_token
-            balance.append(m.cfg.n_experts * (counts * probs.mean(0)).sum())
-            z.append(torch.logsumexp(logits, dim=-1).pow(2).mean())
+    for logits, m in routed:
+        probs = logits.softmax(-1)
+        chosen = probs.topk(m.cfg.experts_per_token, dim=-1).indices
+        counts = torch.zeros_like(probs).scatter_(1, chosen, 1.0).mean(0) / m.cfg.experts_per_token
+        balance.append(m.cfg.n_experts * (counts * probs.mean(0)).sum())
+        z.append(torch.logsumexp(logits, dim=-1).pow(2).mean())
     if not balance:
         zero = torch.zeros(())
         return zero, zero
     return torch.stack(balance).mean(), torch.stack(z).mean()
+
+
+def apply_activation_checkpointing(model: Transformer) -> None:
+    """Each block's activations recomputed in the backward pass: memory for compute. Applied around the
+    unchanged blocks (torch's composable checkpoint, as torchtitan does), so the state dict keeps its names."""
+    from torch.distributed._composable import checkpoint
+
+    for block in model.layers:
+        checkpoint(block)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +286,9 @@ class Run:
             if len(split) < cfg.seq_len + 1:
                 raise DataError(f"--seq-len {cfg.seq_len} does not fit the data: a split holds only "
                                 f"{len(split)} tokens")
-        self.model.activation_checkpointing = cfg.activation_checkpointing
+        if cfg.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        self.router_logits = RouterLogits(self.model)
         # the model up to its final norm; the LM head is fused with the loss
         self.forward = torch.compile(self.model.hidden) if cfg.compile else self.model.hidden
         self.optimizers = build_optimizers(self.model, cfg, self.device)
@@ -357,8 +381,8 @@ class Run:
 
     def train_step(self) -> dict:
         try:
-            record = optimizer_step(self.model, self.forward, self.optimizers, list(self.batches(self.step)),
-                                    self.cfg, self.step, self.autocast)
+            record = optimizer_step(self.model, self.forward, self.router_logits, self.optimizers,
+                                    list(self.batches(self.step)), self.cfg, self.step, self.autocast)
         except TrainingError as e:
             last = self.checkpoints()
             raise TrainingError(f"{e}; stopping. Last good checkpoint: {last[-1] if last else 'none'}") from None
@@ -419,8 +443,8 @@ class Run:
         return texts
 
 
-def optimizer_step(model: Transformer, forward, optimizers: list, batches: list, cfg: TrainConfig, step: int,
-                   autocast) -> dict:
+def optimizer_step(model: Transformer, forward, router_logits: RouterLogits, optimizers: list, batches: list,
+                   cfg: TrainConfig, step: int, autocast) -> dict:
     """One optimizer step over its micro-batches: the loss is the mean over every counted target of the
     step, so accumulating 4 x 2 sequences equals a batch of 8. Returns the step's metrics."""
     counted = sum(y.numel() if m is None else m.sum() for _, y, m in batches)
@@ -436,9 +460,10 @@ def optimizer_step(model: Transformer, forward, optimizers: list, batches: list,
     for x, y, mask in batches:
         # the mean over the whole step's counted targets, folded into per-target weights
         weights = (torch.ones_like(y, dtype=torch.float32) if mask is None else mask) / counted
+        router_logits.take()  # drop what forwards outside this step added (evaluation, samples, recomputation)
         with autocast:
             lm = token_loss_sum(model, forward(x), y, weights)
-        balance, z = moe_losses(model)
+        balance, z = moe_losses(router_logits.take())
         loss = lm + (cfg.moe_aux_coef * balance + cfg.moe_z_coef * z) / accum
         loss.backward()
         loss_sum += lm.detach()

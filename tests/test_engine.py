@@ -4,13 +4,14 @@ parameters; streaming; the pool's accounting; bad requests refused without distu
 
 import json
 import math
+import time
 
 import pytest
 import torch
 
 from flatstack import LLM, SamplingParams
-from flatstack.engine import RequestError, runner
-from flatstack.engine.runner import group_size
+from flatstack.engine import RequestError, decode_graphs
+from flatstack.engine.decode_graphs import group_size
 from flatstack.engine.sampling import apply_penalties, filter_logits
 from flatstack.generate import generate
 from flatstack.model import ModelConfig, Transformer, preset
@@ -56,9 +57,23 @@ def test_eager_decode_equals_the_compiled_blocks():
     """--enforce-eager (every block called eagerly, keys and values written before attending) and the
     compiled decode blocks (attending around the pool, written after the step) give the same tokens."""
     eager, compiled = engine(enforce_eager=True), engine()
-    assert compiled.runner.compile_decode and not eager.runner.compile_decode
+    compiled.warm_up(wait=True)
+    assert compiled.decode_path == "compiled" and eager.decode_path == "eager"
     for a, b in zip(eager.generate(PROMPTS, GREEDY), compiled.generate(PROMPTS, GREEDY), strict=True):
         assert a.token_ids == b.token_ids
+
+
+def test_requests_are_served_while_the_graphs_compile():
+    """Before the decode graphs exist, decode steps run eagerly: the first tokens do not wait for the
+    compiler, and they are the tokens the compiled steps give."""
+    llm = engine()
+    started = time.perf_counter()
+    first = llm.generate(PROMPTS[:2], GREEDY)
+    assert llm.decode_path in ("compiling", "compiled")
+    if llm.decode_path == "compiling":  # nearly always: compiling takes seconds, these steps milliseconds
+        assert time.perf_counter() - started < 60
+    llm.warm_up(wait=True)
+    assert [o.token_ids for o in llm.generate(PROMPTS[:2], GREEDY)] == [o.token_ids for o in first]
 
 
 def test_group_size_divides_the_layers():
@@ -68,13 +83,14 @@ def test_group_size_divides_the_layers():
 def test_compiled_groups_follow_each_layer_and_share_its_weights(monkeypatch):
     """Several groups of several blocks (4 layers in groups of 2): the tokens of eager decoding, and every
     block's weights views of the stacked tensors the groups read, not copies."""
-    monkeypatch.setattr(runner, "GROUP", 2)
+    monkeypatch.setattr(decode_graphs, "GROUP", 2)
     cfg = ModelConfig(**{**SMALL, "n_layers": 4})
     eager = LLM(Transformer(cfg).init_weights(seed=3, std=0.2).eval(), TOK, enforce_eager=True)
     compiled = LLM(Transformer(cfg).init_weights(seed=3, std=0.2).eval(), TOK)
+    compiled.warm_up(wait=True)
     for a, b in zip(eager.generate(PROMPTS, GREEDY), compiled.generate(PROMPTS, GREEDY), strict=True):
         assert a.token_ids == b.token_ids
-    groups = compiled.runner.decode_groups.groups
+    groups = compiled.runner.graphs.groups
     assert len(groups) == 2
     for g, (weights, _, _) in enumerate(groups):
         for i in range(2):

@@ -284,11 +284,13 @@ class LLM:
             delta_token_ids=[], finished=True, finish_reason="error", num_cached_tokens=seq.num_cached,
             logprobs=None, error=error)
 
-    def warm_up(self) -> None:
-        """Run prefills and decode steps of two sequences and of one once, so the compiled decode graphs
-        exist before the first real request; leaves no trace in the prefix cache or its counters."""
-        self.generate([[0], [0, 0]], [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (4, 2)])
-        self.blocks.prompt_tokens = self.blocks.cached_tokens = 0
+    def warm_up(self, wait: bool = False) -> None:
+        """Start compiling the decode graphs now rather than at the first decode step; requests are served
+        eagerly until they are ready. `wait`: return once they are (and raise if compiling failed)."""
+        if wait:
+            self.runner.wait_compiled()
+        else:
+            self.runner.start_compiling()
 
     # -- offline API ----------------------------------------------------------------------------
 
@@ -340,6 +342,11 @@ class LLM:
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
         return self.generate([self.apply_chat_template(messages)], params)[0]
+
+    @property
+    def decode_path(self) -> str:
+        """What serves decode steps of few sequences now: "compiled", "compiling" (eager meanwhile) or "eager"."""
+        return self.runner.decode_path
 
     @property
     def kv_capacity_tokens(self) -> int:

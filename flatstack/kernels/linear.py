@@ -65,8 +65,8 @@ def fused(kind: str):
     return ROWS[kind] if torch.compiler.is_compiling() else compiled_rows(kind)
 
 
-# Decode steps opt in (a module global rather than a thread-local: compiled code reads and guards on it;
-# one thread runs the engine).
+# Eager decode steps opt in (the engine's thread sets it); inside a compiled graph, few rows always take
+# the fused reduction, so a graph compiled on another thread does not depend on this flag.
 _decoding = False
 
 
@@ -85,7 +85,8 @@ def decode_step(active: bool = True):
 
 
 def use_fused(x: torch.Tensor) -> bool:
-    return _decoding and x.device.type == "cpu" and x.numel() // x.shape[-1] <= FEW_ROWS and not torch.is_grad_enabled()
+    return ((_decoding or torch.compiler.is_compiling()) and x.device.type == "cpu"
+            and x.numel() // x.shape[-1] <= FEW_ROWS and not torch.is_grad_enabled())
 
 
 def use_native(x: torch.Tensor, scale: torch.Tensor) -> bool:

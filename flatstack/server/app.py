@@ -55,7 +55,7 @@ class Served:
         self.llm, self.config, self.cfg = llm, config, llm.model.cfg
         self.engine = EngineLoop(llm, config.max_queue, config.slow_reader_timeout)
         self.metrics = Metrics(lambda: self.engine.stats, lambda: self.engine.pending,
-                               lambda: "compiled" if llm.runner.compile_decode else "eager")
+                               lambda: llm.decode_path)
         # A token covers at most as many characters as its own text has (x4 for what a normaliser may
         # fold): a longer prompt cannot fit the context, and is refused without tokenising it.
         self.max_prompt_chars = 4 * self.cfg.max_seq_len * longest_token_chars(llm)

@@ -100,7 +100,7 @@ class EngineLoop:
 
     def run(self) -> None:
         try:
-            self.llm.warm_up()  # requests that arrive meanwhile wait in the command queue
+            self.llm.warm_up()  # the decode graphs compile on a thread of their own; requests are served meanwhile
             self.running = True  # /health answers 200 from here
             self.loop()
         finally:
