@@ -10,18 +10,12 @@ each token reads over the measured read bandwidth), beside Hugging Face transfor
 `flatstack bench throughput MODEL`: an offline batch of requests with random prompt and output lengths
 (ignore EOS), total output tokens/s and MFU, beside transformers' batched `generate` on the same requests.
 
-`flatstack bench serve URL`: a load generator against a running server (Poisson arrivals or a fixed
-concurrency, random prompt and output lengths, ignore EOS): request and output throughput, and mean,
-median and p99 of time to first token, time per output token and inter-token latency, with vLLM's
-definitions; several concurrencies in one run, each as a ratio to the first.
+`flatstack bench serve`: bench_serve.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import math
-import random
 import statistics
 import subprocess
 import sys
@@ -391,99 +385,3 @@ def bench_throughput(model_path: str, num_requests: int = 32, prompt_range: tupl
             "seconds": theirs_s, "output_tokens_per_s": output_tokens / theirs_s, "mfu": flops / theirs_s / peak}
         report["ratio"] = theirs_s / ours_s
     return report
-
-
-# ---------------------------------------------------------------------------------------------
-# serving
-
-
-def percentiles(values: list[float]) -> dict:
-    if not values:
-        return {"mean": None, "median": None, "p99": None}
-    ordered = sorted(values)
-    p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
-    return {"mean": statistics.fmean(ordered) * 1e3, "median": statistics.median(ordered) * 1e3, "p99": p99 * 1e3}
-
-
-async def serve_load(url: str, model: str, requests: list[tuple[list[int], int]], rate: float, concurrency: int | None,
-                     api_key: str | None, seed: int) -> dict:
-    """vLLM's definitions: TTFT from sending to the first token; TPOT (latency - TTFT) / (tokens - 1) per
-    request; ITL every gap between chunks that carry tokens."""
-    import httpx
-
-    rng = random.Random(seed)
-    limit = asyncio.Semaphore(concurrency or len(requests))
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    ttfts, tpots, itls, outputs, failures = [], [], [], [], []
-
-    async def one(client, prompt, n):
-        async with limit:
-            body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True,
-                    "stream": True, "stream_options": {"include_usage": True}}
-            start = time.perf_counter()
-            first = last = None
-            tokens = 0
-            try:
-                async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as r:
-                    if r.status_code != 200:
-                        failures.append(f"{r.status_code}: {(await r.aread())[:200]!r}")
-                        return
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        chunk = json.loads(line[6:])
-                        if chunk.get("usage"):
-                            tokens = chunk["usage"]["completion_tokens"]
-                        if chunk["choices"] and chunk["choices"][0]["text"]:
-                            now = time.perf_counter()
-                            if first is None:
-                                first = now
-                            else:
-                                itls.append(now - last)
-                            last = now
-            except httpx.HTTPError as e:
-                failures.append(repr(e))
-                return
-            if first is None:
-                failures.append("no tokens")
-                return
-            ttfts.append(first - start)
-            if tokens > 1:
-                tpots.append((last - first) / (tokens - 1))
-            outputs.append(tokens)
-
-    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=None)) as client:
-        t0 = time.perf_counter()
-        tasks = []
-        for prompt, n in requests:
-            tasks.append(asyncio.create_task(one(client, prompt, n)))
-            if rate != float("inf"):
-                await asyncio.sleep(rng.expovariate(rate))
-        await asyncio.gather(*tasks)
-        duration = time.perf_counter() - t0
-    return {
-        "completed": len(outputs), "failed": len(failures), "failures": failures[:5], "duration_s": duration,
-        "request_throughput": len(outputs) / duration, "output_tokens_per_s": sum(outputs) / duration,
-        "ttft_ms": percentiles(ttfts), "tpot_ms": percentiles(tpots), "itl_ms": percentiles(itls),
-    }
-
-
-def bench_serve(url: str, concurrencies: list[int], num_prompts: int = 64, rate: float = float("inf"),
-                prompt_range: tuple[int, int] = (64, 256), output_range: tuple[int, int] = (32, 128),
-                api_key: str | None = None, seed: int = 0) -> dict:
-    import httpx
-
-    url = url.rstrip("/").removesuffix("/v1")
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    info = httpx.get(f"{url}/v1/models", headers=headers).json()["data"][0]
-    vocab = info.get("vocab_size", 256)
-    runs = []
-    for concurrency in concurrencies:
-        requests = throughput_requests(vocab, num_prompts, prompt_range, output_range, seed)
-        result = asyncio.run(serve_load(url, info["id"], requests, rate, concurrency, api_key, seed))
-        runs.append({"max_concurrency": concurrency, "request_rate": rate, **result})
-    for run in runs:
-        run["output_tokens_per_s_ratio_to_first"] = run["output_tokens_per_s"] / runs[0]["output_tokens_per_s"]
-    return {"benchmark": "serve", "url": url, "model": info["id"], "num_prompts": num_prompts,
-            "prompt_range": list(prompt_range), "output_range": list(output_range),
-            "baseline": f"the same load at max concurrency {concurrencies[0]}", "runs": runs}

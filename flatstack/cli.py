@@ -354,10 +354,18 @@ def cmd_bench(args) -> None:
     from flatstack import bench
 
     if args.what == "serve":
-        if not args.url:
-            raise CommandError("bench serve needs the server's URL: flatstack bench serve http://127.0.0.1:8000")
-        report = bench.bench_serve(args.url, args.concurrency, args.num_requests, args.request_rate,
-                                   tuple(args.prompt_range), tuple(args.output_range), args.api_key)
+        from flatstack import bench_serve
+
+        if args.startup:
+            if not args.model:
+                raise CommandError("bench serve --startup needs --model: the checkpoint to serve")
+            report = bench_serve.bench_startup(args.model, ["--quantize", args.quantize] if args.quantize else [])
+        elif not args.url:
+            raise CommandError("bench serve needs the server's URL (flatstack bench serve http://127.0.0.1:8000), "
+                               "or --startup --model CKPT")
+        else:
+            report = bench_serve.bench_serve(args.url, args.concurrency, args.num_requests, args.request_rate,
+                                             tuple(args.prompt_range), tuple(args.output_range), args.api_key)
         print(json.dumps(report, indent=1))
     elif args.what == "train":
         report = bench.bench_train(small=args.small, batch=args.batch, warmup=args.warmup, steps=args.steps,
@@ -501,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--request-rate", type=float, default=float("inf"),
                    help="serve: Poisson arrivals per second (default inf: all at once, up to the concurrency)")
     s.add_argument("--api-key", help="serve: the server's API key")
+    s.add_argument("--startup", action="store_true", help="serve: start `flatstack serve --model` twice (cold and "
+                   "warm compile cache) and time /health and the first token from process start")
     s.add_argument("--prompt-range", type=int, nargs=2, default=[64, 256], metavar=("MIN", "MAX"))
     s.add_argument("--output-range", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
     s.add_argument("--baseline-batch", type=int, default=8, help="throughput: transformers batch (default 8)")

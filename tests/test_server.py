@@ -331,7 +331,7 @@ def test_fuzzed_requests_never_break_the_server(server, path, body):
 
 
 def test_bench_serve_reports_vllm_metrics(server):
-    from flatstack.bench import bench_serve
+    from flatstack.bench_serve import bench_serve
 
     report = bench_serve(server, [1, 3], num_prompts=6, prompt_range=(4, 20), output_range=(3, 8), api_key=KEY)
     assert [r["max_concurrency"] for r in report["runs"]] == [1, 3]

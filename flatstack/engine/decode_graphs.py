@@ -15,8 +15,11 @@ engine serves eagerly; `ready` says when the engine may switch to them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import os
+import sys
 import threading
 
 import torch
@@ -87,6 +90,17 @@ def compiled_group():
     return torch.compile(run_group)
 
 
+def yield_to_the_engine() -> float:
+    """Run this thread (and the compiler processes it starts, which inherit it) at a lower CPU priority,
+    and hand the GIL over more often while it compiles, so the steps the engine serves meanwhile are not
+    held up by it. Returns the switch interval to restore."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, 0.001))
+    return before
+
+
 class DecodeGraphs:
     def __init__(self, model: Transformer, k_pool: torch.Tensor, v_pool: torch.Tensor):
         cfg, layers = model.cfg, model.layers
@@ -122,6 +136,7 @@ class DecodeGraphs:
         """Compile both graphs on stand-in inputs (reading block 0 of the pool), then set `ready`. A failure
         is kept in `error`, and the engine goes on eagerly."""
         D, head_dim, dtype, device = self.shape
+        switch_interval = yield_to_the_engine()
         try:
             for n in (2, 1):
                 x = torch.zeros(1, n, D, dtype=dtype, device=device)
@@ -131,8 +146,11 @@ class DecodeGraphs:
             self.ready.set()
         except Exception as e:  # noqa: BLE001 - the eager path serves on; `error` says why
             self.error = e
+        finally:
+            sys.setswitchinterval(switch_interval)
 
     def warm_in_background(self) -> threading.Thread:
+        """Compile on a thread of its own: the engine serves eagerly meanwhile."""
         thread = threading.Thread(target=self.warm, name="flatstack-compile", daemon=True)
         thread.start()
         return thread
