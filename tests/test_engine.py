@@ -179,7 +179,8 @@ def test_stops_and_lengths():
     out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[token]))[0]
     assert out.token_ids == free.token_ids[:first] and out.finish_reason == "stop"
     # EOS ends a request unless ignore_eos
-    llm.eos_ids = {free.token_ids[3]}
+    llm.eos_ids.clear()  # the one set the engine's output processor reads
+    llm.eos_ids.add(free.token_ids[3])
     eos_first = free.token_ids.index(free.token_ids[3])
     assert llm.generate("Hello", SamplingParams(temperature=0, max_tokens=30))[0].token_ids == \
         free.token_ids[:eos_first]

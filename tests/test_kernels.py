@@ -44,7 +44,7 @@ def test_inference_linears_match_their_reference(kind, rows):
     with torch.no_grad(), decode_step():
         ref = torch.nn.functional.linear(x, w, b) if kind == "float" else layer.reference(x)
         out = layer(x)
-        assert use_fused(x) == (2 * rows <= FEW_ROWS)
+        assert use_fused(x, False) == (2 * rows <= FEW_ROWS)
     assert out.shape == (2, rows, 96)
     assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
 

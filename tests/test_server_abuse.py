@@ -33,8 +33,8 @@ from serving import (
 from test_server import BAD
 
 from flatstack import LLM, SamplingParams
+from flatstack.engine import EngineLoop
 from flatstack.server import ServerConfig, create_app
-from flatstack.server.loop import EngineLoop
 
 TIMEOUT = 1  # the server's header, body and keep-alive timeouts, in seconds
 MAX_CONNECTIONS = 160
@@ -321,12 +321,12 @@ class Engine:
         while not self.loop.running:  # warmed up: what a test patches from here on is what it sees
             time.sleep(0.05)
 
-    def run(self, seqs) -> list[list]:
-        """Submit, and return what each sequence received until its ending (or 10 s of silence)."""
+    def run(self, requests) -> list[list]:
+        """Submit, and return what each request received until its ending (or 10 s of silence)."""
 
         async def go():
-            listeners = self.loop.submit(seqs)
-            got = [[] for _ in seqs]
+            listeners = self.loop.submit(requests)
+            got = [[] for _ in requests]
             for items, listener in zip(got, listeners, strict=True):
                 while not items or not (isinstance(items[-1], Exception) or items[-1].finished):
                     items.append(await asyncio.wait_for(listener.outputs.get(), 10))
@@ -355,8 +355,7 @@ def test_2_a_failing_step_ends_every_accepted_request_once(ckpt, monkeypatch):
 
     monkeypatch.setattr(llm, "step", step_then_fail)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, output_kind="delta") for m in (2, 3, 50)]
-    seqs = [llm.make_sequence([65, 66, 67], p, f"r{i}") for i, p in enumerate(params)]
-    got = engine.run(seqs)
+    got = engine.run([([65, 66, 67], p) for p in params])
     endings = [items[-1] for items in got]
     assert endings[0].finished and endings[0].finish_reason == "length"  # finished before the failure
     assert all(isinstance(e, RuntimeError) and "a bug in the step" in str(e) for e in endings[1:])
@@ -366,7 +365,7 @@ def test_2_a_failing_step_ends_every_accepted_request_once(ckpt, monkeypatch):
 
 
 def test_2_a_request_whose_sampling_fails_ends_alone(ckpt, monkeypatch):
-    import flatstack.engine.llm as llm_module
+    import flatstack.engine.output as llm_module
 
     llm = tiny_llm(ckpt)
     real_sample = llm_module.sample
@@ -480,9 +479,8 @@ def test_7_a_stream_whose_reader_stalls_is_dropped(ckpt):
     engine = Engine(llm, slow_reader_timeout=0.0)
 
     async def go():
-        seq = llm.make_sequence("x", SamplingParams(temperature=0, max_tokens=200, ignore_eos=True,
-                                                    output_kind="delta"), "stalled")
-        [listener] = engine.loop.submit([seq])
+        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True, output_kind="delta")
+        [listener] = engine.loop.submit([(llm.check_request("x", params), params)])
         deadline = time.monotonic() + 10
         while engine.loop.pending and time.monotonic() < deadline:
             await asyncio.sleep(0.05)  # reads nothing

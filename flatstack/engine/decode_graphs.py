@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from flatstack.kernels.linear import import_compiler
 from flatstack.kernels.paged_attention import decode_attention_before_write
 from flatstack.model import Block, Transformer
 
@@ -105,10 +106,14 @@ class DecodeGraphs:
     def __init__(self, model: Transformer, k_pool: torch.Tensor, v_pool: torch.Tensor):
         cfg, layers = model.cfg, model.layers
         G = group_size(len(layers))
-        weights = stack_block_weights(layers)
         # functional_call swaps the template's tensors while it runs: a copy of its own, so the graphs
-        # compiling on another thread never touch a block the engine is running eagerly meanwhile
+        # compiling on another thread never touch a block the engine is running eagerly meanwhile (copied
+        # before stacking: a copy of a view would copy the whole stack)
         self.template = copy.deepcopy(layers[0])
+        weights = stack_block_weights(layers)
+        for module in self.template.modules():
+            if hasattr(module, "in_graph"):
+                module.in_graph = True  # its products take the fused reduction, inside the graph
         self.groups = [({name: w[g : g + G] for name, w in weights.items()}, k_pool[g : g + G], v_pool[g : g + G])
                        for g in range(0, len(layers), G)]
         self.attention = (layers[0].attn.scale, cfg.attn_logit_softcap, cfg.sliding_window)
@@ -138,6 +143,7 @@ class DecodeGraphs:
         D, head_dim, dtype, device = self.shape
         switch_interval = yield_to_the_engine()
         try:
+            import_compiler()
             for n in (2, 1):
                 x = torch.zeros(1, n, D, dtype=dtype, device=device)
                 cos = torch.ones(n, head_dim, dtype=dtype, device=device)

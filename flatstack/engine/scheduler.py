@@ -80,6 +80,18 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def postprocess(self, scheduled: list[tuple[Sequence, int]]) -> list[Sequence]:
+        """After the step's forward pass: its tokens are in the cache (the blocks they filled keyed for the
+        prefix cache); -> the sequences whose whole context is now computed, which sample a token."""
+        sampling = []
+        for seq, n in scheduled:
+            before = seq.num_computed
+            seq.num_computed += n
+            self.blocks.register_computed(seq, before)
+            if seq.num_computed == seq.num_tokens:
+                sampling.append(seq)
+        return sampling
+
     def finish(self, seq: Sequence, reason: str) -> None:
         """A sequence leaves at once: its blocks return to the pool (kept in the prefix cache)."""
         if seq.status is Status.RUNNING:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -53,20 +54,34 @@ def int4_rows(x, packed, scale, low):
 ROWS = {"float": float_rows, "int8": int8_rows, "int4": int4_rows}
 
 
+_compiler_imports = threading.Lock()
+
+
+def import_compiler() -> None:
+    """Import TorchDynamo and TorchInductor one thread at a time: two threads importing them at once (the
+    decode graphs compiling on theirs, an eager step compiling a reduction on the engine's) can deadlock
+    in the import system."""
+    with _compiler_imports:
+        import torch._dynamo  # noqa: F401
+        import torch._inductor.compile_fx  # noqa: F401
+
+
 @functools.cache
 def compiled_rows(kind: str):
     """The reduction for one weight format compiled on its own (once per process, shapes symbolic)."""
+    import_compiler()
     return torch.compile(ROWS[kind], dynamic=True)
 
 
-def fused(kind: str):
-    """Inside a compiled decode step (engine/runner.py) the plain form, which TorchInductor fuses with
-    the ops around it; called eagerly, the reduction compiled on its own."""
-    return ROWS[kind] if torch.compiler.is_compiling() else compiled_rows(kind)
+def fused(kind: str, in_graph: bool):
+    """Inside a compiled decode graph (engine/decode_graphs.py) the plain form, which TorchInductor fuses
+    with the ops around it; called eagerly, the reduction compiled on its own."""
+    return ROWS[kind] if in_graph else compiled_rows(kind)
 
 
-# Eager decode steps opt in (the engine's thread sets it); inside a compiled graph, few rows always take
-# the fused reduction, so a graph compiled on another thread does not depend on this flag.
+# Eager decode steps opt in (only the engine's thread sets it). The decode graphs' own copies of the
+# linears have `in_graph` set instead: they compile on another thread, and must not read this flag
+# (nor torch.compiler.is_compiling(), which is one flag for every thread of the process).
 _decoding = False
 
 
@@ -84,15 +99,14 @@ def decode_step(active: bool = True):
         _decoding = before
 
 
-def use_fused(x: torch.Tensor) -> bool:
-    return ((_decoding or torch.compiler.is_compiling()) and x.device.type == "cpu"
-            and x.numel() // x.shape[-1] <= FEW_ROWS and not torch.is_grad_enabled())
+def use_fused(x: torch.Tensor, in_graph: bool) -> bool:
+    return in_graph or (_decoding and x.device.type == "cpu" and x.numel() // x.shape[-1] <= FEW_ROWS
+                        and not torch.is_grad_enabled())
 
 
 def use_native(x: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Outside compiled graphs, float32 int8 products go to the C kernel (kernels/native.py) if it built."""
-    return (not torch.compiler.is_compiling() and x.dtype == torch.float32 and scale.dtype == torch.float32
-            and native.library() is not None)
+    """Eager float32 int8 products go to the C kernel (kernels/native.py) if it built."""
+    return x.dtype == torch.float32 and scale.dtype == torch.float32 and native.library() is not None
 
 
 def rows(x: torch.Tensor) -> torch.Tensor:
@@ -102,20 +116,24 @@ def rows(x: torch.Tensor) -> torch.Tensor:
 class FloatLinear(nn.Module):
     """A float weight [N, K]; few rows through the fused reduction."""
 
+    in_graph = False  # a copy inside a compiled decode graph (see `_decoding`)
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("weight", weight)  # a buffer: dynamo keeps parameter shapes static
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not use_fused(x):
+        if not use_fused(x, self.in_graph):
             return F.linear(x, self.weight, self.bias)
-        y = fused("float")(rows(x), self.weight).view(*x.shape[:-1], -1)
+        y = fused("float", self.in_graph)(rows(x), self.weight).view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
 
 class Int8Linear(nn.Module):
     """Symmetric int8 weights with one float scale per output channel: w = q * scale."""
+
+    in_graph = False
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -132,12 +150,12 @@ class Int8Linear(nn.Module):
         return F.linear(x, self.dequantize(), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not use_fused(x):
+        if not use_fused(x, self.in_graph):
             return self.reference(x)
-        if use_native(x, self.scale):  # called eagerly (the LM head): the C kernel
+        if not self.in_graph and use_native(x, self.scale):  # called eagerly (the LM head): the C kernel
             y = native.int8_rows(rows(x), self.q, self.scale).view(*x.shape[:-1], -1)
         else:
-            y = fused("int8")(rows(x), self.q, self.scale).to(x.dtype).view(*x.shape[:-1], -1)
+            y = fused("int8", self.in_graph)(rows(x), self.q, self.scale).to(x.dtype).view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
 
@@ -145,6 +163,8 @@ class Int4Linear(nn.Module):
     """Asymmetric int4 weights in groups of 32 along the input: w = low + q * scale, q in 0..15, two
     weights to a byte (a group's byte j: weight j in the low nibble, j + 16 in the high); scale and low
     in float16 per group."""
+
+    in_graph = False
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group: int = INT4_GROUP):
         super().__init__()
@@ -174,9 +194,10 @@ class Int4Linear(nn.Module):
         return F.linear(x, self.dequantize(), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not use_fused(x):
+        if not use_fused(x, self.in_graph):
             return self.reference(x)
-        y = fused("int4")(rows(x).float(), self.packed, self.scale, self.low).to(x.dtype).view(*x.shape[:-1], -1)
+        y = fused("int4", self.in_graph)(rows(x).float(), self.packed, self.scale, self.low)
+        y = y.to(x.dtype).view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import uuid
 from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request
@@ -21,11 +20,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from flatstack.engine import LLM, RequestError
-from flatstack.engine.llm import check_text
+from flatstack.engine import LLM, EngineLoop, RequestError, check_text
 from flatstack.server import routes
 from flatstack.server.http import Guard, protocol
-from flatstack.server.loop import EngineLoop
 from flatstack.server.metrics import Metrics
 from flatstack.server.protocol import APIError, choice_seed
 
@@ -76,9 +73,9 @@ class Served:
             raise APIError(404, f"model {name!r} does not exist; this server serves "
                            f"{self.config.served_model_name!r}", param="model", code="model_not_found")
 
-    async def sequences(self, prompts: list, params, n: int, max_tokens: int | None) -> list:
-        """n sequences per prompt, checked; tokenising runs on a worker thread. Without max_tokens, a
-        request may run to the end of the context (or of what the KV pool holds)."""
+    async def requests(self, prompts: list, params, n: int, max_tokens: int | None) -> list[tuple[list[int], object]]:
+        """(prompt ids, parameters) for n choices per prompt, checked; tokenising runs on a worker thread.
+        Without max_tokens, a request may run to the end of the context (or of what the KV pool holds)."""
         if len(prompts) * n > self.config.max_queue:
             raise APIError(400, f"{len(prompts)} prompts x n={n} is more sequences than this server queues "
                            f"({self.config.max_queue})", param="prompt")
@@ -86,22 +83,21 @@ class Served:
             if isinstance(p, str) and len(p) > self.max_prompt_chars:
                 raise APIError(400, f"a prompt of {len(p)} characters cannot fit the model's context of "
                                f"{self.cfg.max_seq_len} tokens", param="prompt")
-        return await asyncio.to_thread(self.build_sequences, prompts, params, n, max_tokens)
+        return await asyncio.to_thread(self.check_requests, prompts, params, n, max_tokens)
 
-    def build_sequences(self, prompts: list, params, n: int, max_tokens: int | None) -> list:
-        llm, seqs = self.llm, []
+    def check_requests(self, prompts: list, params, n: int, max_tokens: int | None) -> list:
+        llm, requests = self.llm, []
         try:
             for prompt in prompts:
                 ids = llm.encode(prompt)  # once per prompt, not per choice
                 if max_tokens is None:
                     room = min(self.cfg.max_seq_len, llm.kv_capacity_tokens) - len(ids)
                     params = replace(params, max_tokens=max(room, 1))
-                for j in range(n):
-                    p = params if not j else replace(params, seed=choice_seed(params.seed, j))
-                    seqs.append(llm.make_sequence(ids, p, uuid.uuid4().hex))
+                llm.check_request(ids, params)
+                requests += [(ids, replace(params, seed=choice_seed(params.seed, j))) for j in range(n)]
         except RequestError as e:
             raise APIError(400, str(e), param=e.param or "prompt") from None
-        return seqs
+        return requests
 
 
 def validation_error(request: Request, e: RequestValidationError) -> Response:

@@ -7,11 +7,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
+from fastapi import Request as HTTPRequest
 from fastapi.responses import Response, StreamingResponse
 
-from flatstack.engine import RequestError, RequestOutput
-from flatstack.server.loop import Listener
+from flatstack.engine import EngineBusy, Request, RequestError, RequestOutput
 from flatstack.server.metrics import CONTENT_TYPE
 from flatstack.server.protocol import (
     TOP_LOGPROBS_MAX,
@@ -32,21 +32,28 @@ router = APIRouter()
 DISCONNECT_POLL_S = 0.5  # a non-streaming request notices its client left within this
 
 
-def served(request: Request):
+def served(request: HTTPRequest):
     return request.app.state.served
 
 
-async def until_disconnected(request: Request) -> None:
+async def until_disconnected(request: HTTPRequest) -> None:
     """Returns when the client hangs up (the body was read already: nothing else can arrive)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
 
-async def results(request: Request, seqs: list, listeners: list[Listener]) -> AsyncIterator[tuple[int, RequestOutput]]:
+def submit(http: HTTPRequest, requests: list) -> list[Request]:
+    try:
+        return served(http).engine.submit(requests)
+    except EngineBusy as e:
+        raise APIError(503, str(e), type_="server_overloaded", headers={"Retry-After": "1"}) from None
+
+
+async def results(request: HTTPRequest, listeners: list[Request]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(choice index, output) as they come; every choice is aborted if the client leaves or on error."""
     s = served(request)
     metrics, start, finished = s.metrics, time.perf_counter(), 0
-    last: list[float | None] = [None] * len(seqs)
+    last: list[float | None] = [None] * len(listeners)
     waiting = {asyncio.ensure_future(lst.outputs.get()): i for i, lst in enumerate(listeners)}
     gone = asyncio.ensure_future(until_disconnected(request))
     try:
@@ -79,33 +86,33 @@ async def results(request: Request, seqs: list, listeners: list[Listener]) -> As
     finally:
         for task in [*waiting, gone]:
             task.cancel()
-        if finished < len(seqs):
-            s.engine.abort([seq.request_id for seq in seqs])
+        if finished < len(listeners):
+            s.engine.abort([lst.request_id for lst in listeners])
 
 
-async def collect(request: Request, seqs: list) -> list[RequestOutput] | None:
+async def collect(request: HTTPRequest, requests: list) -> list[RequestOutput] | None:
     """Every choice's final output, or None if the client left first."""
-    listeners = served(request).engine.submit(seqs)
-    finals: list[RequestOutput | None] = [None] * len(seqs)
-    async for i, out in results(request, seqs, listeners):
+    listeners = submit(request, requests)
+    finals: list[RequestOutput | None] = [None] * len(listeners)
+    async for i, out in results(request, listeners):
         finals[i] = out
     return None if any(f is None for f in finals) else finals
 
 
-def event_stream(request: Request, seqs: list, envelope: dict, prelude: list[dict], pieces: Callable,
+def event_stream(request: HTTPRequest, requests: list, envelope: dict, prelude: list[dict], pieces: Callable,
                  include_usage: bool, n: int) -> StreamingResponse:
     """Server-sent events: the prelude choices, then `pieces(i, output)` choices as outputs come, then the
     usage in a chunk of its own (if asked), then [DONE]. The sequences are submitted before the response
     starts, so a full queue is a 503, not a stream; a failure after the start is an error event."""
-    listeners = served(request).engine.submit(seqs)
+    listeners = submit(request, requests)
 
     async def events():
-        finals: list[RequestOutput | None] = [None] * len(seqs)
+        finals: list[RequestOutput | None] = [None] * len(listeners)
         completion_tokens = 0
         try:
             for c in prelude:
                 yield sse({**envelope, "choices": [c]})
-            async for i, out in results(request, seqs, listeners):
+            async for i, out in results(request, listeners):
                 completion_tokens += len(out.delta_token_ids)
                 if out.finished:
                     finals[i] = out
@@ -127,14 +134,14 @@ def left() -> Response:
 
 
 @router.get("/health")
-async def health(request: Request):
+async def health(request: HTTPRequest):
     if not served(request).engine.running:
         return APIError(503, "the engine is not running (or still warming up)", "internal_error").response()
     return {"status": "ok"}
 
 
 @router.get("/v1/models")
-async def models(request: Request):
+async def models(request: HTTPRequest):
     s = served(request)
     return {"object": "list", "data": [{"id": s.config.served_model_name, "object": "model",
                                         "created": int(time.time()), "owned_by": "flatstack",
@@ -142,16 +149,16 @@ async def models(request: Request):
 
 
 @router.post("/v1/completions")
-async def completions(req: CompletionRequest, request: Request):
+async def completions(req: CompletionRequest, request: HTTPRequest):
     s = served(request)
     s.check_model(req.model)
     if req.logprobs is not None and req.echo:
         raise APIError(400, "echo with logprobs is not supported", param="echo")
     prompts = req.prompts()
     params = sampling_params(req, req.max_tokens, req.logprobs, "delta" if req.stream else "final")
-    seqs = await s.sequences(prompts, params, req.n, req.max_tokens)
+    requests = await s.requests(prompts, params, req.n, req.max_tokens)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    echo = [s.llm.tokenizer.decode(q.prompt_ids, skip_special_tokens=False) if req.echo else "" for q in seqs]
+    echo = [s.llm.tokenizer.decode(ids, skip_special_tokens=False) if req.echo else "" for ids, _ in requests]
 
     def choice(i: int, text: str, out: RequestOutput) -> dict:
         lps = completion_logprobs(out.logprobs, s.token_text) if req.logprobs is not None else None
@@ -164,8 +171,8 @@ async def completions(req: CompletionRequest, request: Request):
         def pieces(i: int, out: RequestOutput) -> list[dict]:
             return [choice(i, out.text, out)] if out.text or out.finished or out.logprobs else []
 
-        return event_stream(request, seqs, envelope, prelude, pieces, req.include_usage, req.n)
-    finals = await collect(request, seqs)
+        return event_stream(request, requests, envelope, prelude, pieces, req.include_usage, req.n)
+    finals = await collect(request, requests)
     if finals is None:
         return left()
     return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
@@ -174,7 +181,7 @@ async def completions(req: CompletionRequest, request: Request):
 
 
 @router.post("/v1/chat/completions")
-async def chat(req: ChatRequest, request: Request):
+async def chat(req: ChatRequest, request: HTTPRequest):
     s = served(request)
     s.check_model(req.model)
     if req.top_logprobs is not None and not 0 <= req.top_logprobs <= TOP_LOGPROBS_MAX:
@@ -184,7 +191,7 @@ async def chat(req: ChatRequest, request: Request):
     prompt = await asyncio.to_thread(s.chat_prompt, messages, True)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, req.max_new_tokens, logprobs, "delta" if req.stream else "final")
-    seqs = await s.sequences([prompt], params, req.n, req.max_new_tokens)
+    requests = await s.requests([prompt], params, req.n, req.max_new_tokens)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(i: int, delta: dict, finish: str | None, lps=None) -> dict:
@@ -197,9 +204,9 @@ async def chat(req: ChatRequest, request: Request):
 
     if req.stream:
         envelope = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
-        prelude = [chunk(i, {"role": "assistant", "content": ""}, None) for i in range(len(seqs))]
-        return event_stream(request, seqs, envelope, prelude, pieces, req.include_usage, req.n)
-    finals = await collect(request, seqs)
+        prelude = [chunk(i, {"role": "assistant", "content": ""}, None) for i in range(len(requests))]
+        return event_stream(request, requests, envelope, prelude, pieces, req.include_usage, req.n)
+    finals = await collect(request, requests)
     if finals is None:
         return left()
     choices = [{"index": i, "message": {"role": "assistant", "content": o.text}, "finish_reason": o.finish_reason,
@@ -210,7 +217,7 @@ async def chat(req: ChatRequest, request: Request):
 
 
 @router.post("/tokenize")
-async def tokenize(req: TokenizeRequest, request: Request):
+async def tokenize(req: TokenizeRequest, request: HTTPRequest):
     s = served(request)
     s.check_model(req.model)
     if (req.prompt is None) == (req.messages is None):
@@ -227,7 +234,7 @@ async def tokenize(req: TokenizeRequest, request: Request):
 
 
 @router.post("/detokenize")
-async def detokenize(req: DetokenizeRequest, request: Request):
+async def detokenize(req: DetokenizeRequest, request: HTTPRequest):
     s = served(request)
     s.check_model(req.model)
     bad = next((t for t in req.tokens if not 0 <= t < s.cfg.vocab_size), None)
@@ -238,6 +245,6 @@ async def detokenize(req: DetokenizeRequest, request: Request):
 
 
 @router.get("/metrics")
-async def metrics(request: Request):
+async def metrics(request: HTTPRequest):
     return Response(served(request).metrics.exposition(), media_type=CONTENT_TYPE)
 

@@ -1,5 +1,6 @@
-"""The engine's thread: it owns the `LLM` and steps it; the event loop talks to it only through
-`submit` and `abort` (a command queue in, one asyncio queue of outputs per sequence out).
+"""The engine's thread: it owns the `LLM` and steps it; an asyncio event loop (the server's) talks to it
+only through `submit` and `abort`, its thread-safe entry points (a command queue in, one asyncio queue of
+outputs per request out).
 
 Every sequence that `submit` accepts ends exactly once, whatever happens: its final output, an error,
 or its abort; its slot in the queue limit is returned then. If a step fails as a whole (a bug, not bad
@@ -12,14 +13,24 @@ import asyncio
 import queue
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
-from flatstack.engine import LLM, RequestError, RequestOutput
-from flatstack.server.protocol import APIError
+from flatstack.engine.llm import LLM
+from flatstack.engine.output import RequestOutput
+from flatstack.engine.sampling import RequestError, SamplingParams
+
+
+class EngineBusy(Exception):
+    """The queue limit is reached: retry later."""
 
 
 @dataclass
-class Listener:
+class Request:
+    """A submitted request's handle: its id, and the queue its outputs arrive on (ending with a finished
+    output or an exception)."""
+
+    request_id: str
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
     read_at: float = field(default_factory=time.monotonic)  # when its reader last took an output
@@ -29,7 +40,7 @@ class EngineLoop:
     def __init__(self, llm: LLM, max_queue: int, slow_reader_timeout: float = 30.0):
         self.llm, self.max_queue, self.slow_reader_timeout = llm, max_queue, slow_reader_timeout
         self.commands: queue.Queue = queue.Queue()
-        self.listeners: dict[str, Listener] = {}
+        self.listeners: dict[str, Request] = {}
         self.lock = threading.Lock()  # guards `listeners`: added on the event loop, removed on this thread
         self.stats = llm.stats
         self.error: str | None = None
@@ -42,16 +53,18 @@ class EngineLoop:
         """Sequences accepted and not yet ended."""
         return len(self.listeners)
 
-    def submit(self, seqs: list) -> list[Listener]:
+    def submit(self, requests: list[tuple[list[int], SamplingParams]]) -> list[Request]:
+        """Queue requests (prompt token ids, as `LLM.check_request` returned them, and their parameters),
+        all or none; called on the event loop that will read their outputs."""
         loop = asyncio.get_running_loop()
+        seqs = [self.llm.make_sequence(ids, params, uuid.uuid4().hex) for ids, params in requests]
         with self.lock:
             if len(self.listeners) + len(seqs) > self.max_queue:
-                raise APIError(503, f"the server is at its limit of {self.max_queue} queued sequences; retry "
-                               "later", type_="server_overloaded", headers={"Retry-After": "1"})
-            listeners = [Listener(loop) for _ in seqs]
-            self.listeners.update((s.request_id, lst) for s, lst in zip(seqs, listeners, strict=True))
+                raise EngineBusy(f"the server is at its limit of {self.max_queue} queued sequences; retry later")
+            handles = [Request(seq.request_id, loop) for seq in seqs]
+            self.listeners.update((h.request_id, h) for h in handles)
         self.commands.put(("add", seqs))
-        return listeners
+        return handles
 
     def abort(self, request_ids: list[str]) -> None:
         self.commands.put(("abort", request_ids))
