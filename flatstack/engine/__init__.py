@@ -7,11 +7,19 @@ output.py (tokens, text, stops, outputs), llm.py (LLM: the engine and its offlin
 engine on a thread of its own, with thread-safe submit and abort, for the server).
 """
 
-from flatstack.engine.config import EngineConfig
-from flatstack.engine.llm import LLM, check_text
-from flatstack.engine.loop import EngineBusy, EngineLoop, Request
-from flatstack.engine.output import RequestOutput
-from flatstack.engine.sampling import RequestError, SamplingParams, TokenLogprob
+from __future__ import annotations
 
-__all__ = ["LLM", "EngineBusy", "EngineConfig", "EngineLoop", "Request", "RequestError", "RequestOutput",
-           "SamplingParams", "TokenLogprob", "check_text"]
+import importlib
+
+# Names resolve on first use (PEP 562): `flatstack.engine.config` imports without torch, so the CLI builds
+# its options from EngineConfig without loading the engine.
+EXPORTS = {"LLM": "llm", "check_text": "llm", "EngineConfig": "config", "EngineBusy": "loop", "EngineLoop": "loop",
+           "Request": "loop", "RequestOutput": "output", "RequestError": "sampling", "SamplingParams": "sampling",
+           "TokenLogprob": "sampling", "sample": "sampling", "kv_bytes_per_token": "runner"}
+__all__ = list(EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in EXPORTS:
+        raise AttributeError(f"module 'flatstack.engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"flatstack.engine.{EXPORTS[name]}"), name)

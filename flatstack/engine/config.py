@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def setting(default, help: str, **extra):
     """A field whose metadata the CLI turns into an option: `help`, and `choices` or `size` (a byte count
-    written like 8M) where they apply."""
+    written like 8M) where they apply. Imports nothing heavy: the CLI reads it to build its options."""
     return field(default=default, metadata={"help": help, **extra})
 
 
@@ -30,7 +28,7 @@ class EngineConfig:
     seed: int | None = setting(None, "seed of the random seeds given to requests without one")
 
     def __post_init__(self) -> None:
-        if isinstance(self.dtype, torch.dtype):
+        if self.dtype is not None and not isinstance(self.dtype, str):  # a torch.dtype
             self.dtype = str(self.dtype).removeprefix("torch.")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}; got {self.dtype!r}")
@@ -41,5 +39,7 @@ class EngineConfig:
             raise ValueError(f"quantize must be int8 or int4; got {self.quantize!r}")
 
     @property
-    def torch_dtype(self) -> torch.dtype | None:
+    def torch_dtype(self):
+        import torch
+
         return None if self.dtype is None else getattr(torch, self.dtype)

@@ -1,9 +1,20 @@
 """`flatstack serve`: the OpenAI-compatible HTTP server over the engine.
 
-protocol.py (request and response bodies, their mapping to SamplingParams), http.py (API key, body
-limits and timeouts before any route), loop.py (the engine's thread and its command queue),
-metrics.py (Prometheus exposition), routes.py (the routes), app.py (the app, and serve())."""
+config.py (ServerConfig), protocol.py (request and response bodies, their mapping to SamplingParams),
+http.py (API key, body limits and timeouts before any route), metrics.py (Prometheus exposition),
+routes.py (the routes), app.py (the app, and serve()). The engine runs on the engine loop's thread
+(flatstack/engine/loop.py).
+"""
 
-from flatstack.server.app import ServerConfig, create_app, serve
+from __future__ import annotations
 
-__all__ = ["ServerConfig", "create_app", "serve"]
+import importlib
+
+EXPORTS = {"ServerConfig": "config", "create_app": "app", "serve": "app"}  # resolved on first use (PEP 562)
+__all__ = list(EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in EXPORTS:
+        raise AttributeError(f"module 'flatstack.server' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"flatstack.server.{EXPORTS[name]}"), name)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,23 +22,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flatstack.engine import LLM, EngineLoop, RequestError, check_text
 from flatstack.server import routes
+from flatstack.server.config import ServerConfig
 from flatstack.server.http import Guard, protocol
 from flatstack.server.metrics import Metrics
 from flatstack.server.protocol import APIError, choice_seed
-
-
-@dataclass
-class ServerConfig:
-    served_model_name: str
-    api_key: str | None = None
-    max_queue: int = 1024  # sequences accepted at once; past it, 503
-    max_body_bytes: int = 4 << 20
-    metrics_without_key: bool = False  # /metrics open to scrapers that hold no key
-    header_timeout: float = 10.0  # seconds for a new connection to send its request's headers
-    body_timeout: float = 30.0  # seconds for a request's body to arrive
-    keep_alive_timeout: float = 5.0  # seconds an idle connection stays open between requests
-    max_connections: int = 512  # open at once; past it, 503
-    slow_reader_timeout: float = 30.0  # a stream whose client reads nothing this long is dropped
 
 
 def longest_token_chars(llm: LLM) -> int:
