@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from flatstack.allocator import keep_freed_memory
 from flatstack.ceilings import matmul_flops, memory_bandwidth, sync
+from flatstack.checkpoint import detect_format
 from flatstack.model import ModelConfig, Transformer, model_stats
 from flatstack.train import RouterLogits, TrainConfig, build_optimizers, optimizer_step
 
@@ -182,10 +183,10 @@ def hf_reference(path: str, dtype: torch.dtype):
     folder. A native flatstack checkpoint has no transformers twin, so the baseline needs one of those."""
     import transformers
 
-    p = Path(path)
-    if p.suffix == ".gguf":
+    p, kind = Path(path), detect_format(path)
+    if kind == "gguf":
         return transformers.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype).eval()
-    if (p / "config.json").exists() and "flatstack_format" not in (p / "config.json").read_text():
+    if kind == "hf":
         return transformers.AutoModelForCausalLM.from_pretrained(p, dtype=dtype).eval()
     raise ValueError(f"{path}: the transformers baseline needs a .gguf file or a Hugging Face folder")
 

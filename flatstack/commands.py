@@ -29,7 +29,7 @@ def human(n: float, suffixes: str = "KMBT") -> str:
 
 def resolve_config(src: str):
     """A preset name or a checkpoint folder (native or Hugging Face) -> its config, without loading weights."""
-    from flatstack.checkpoint import FORMAT_KEY, config_from_hf, native_config, open_gguf, read_json
+    from flatstack.checkpoint import read_config
     from flatstack.model import PRESETS
 
     if src in PRESETS:
@@ -37,11 +37,7 @@ def resolve_config(src: str):
     path = Path(src)
     if not path.exists():
         raise FileNotFoundError(f"{src!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
-    if path.suffix == ".gguf" and path.is_file():
-        return f"GGUF file {path}", open_gguf(path)[2]
-    raw = read_json(path / "config.json" if path.is_dir() else path)
-    cfg = native_config(raw, path) if FORMAT_KEY in raw else config_from_hf(raw)
-    return f"checkpoint {path}", cfg
+    return f"{'GGUF file' if path.suffix == '.gguf' else 'checkpoint'} {path}", read_config(path)
 
 
 def cmd_info(args) -> None:

@@ -12,7 +12,8 @@ from conftest import SHARED, rel_err
 
 import flatstack
 from flatstack import model as model_mod
-from flatstack.checkpoint import build_model, grok1_config, grok1_tensors_to_native, read_grok1_arrays
+from flatstack.checkpoint import build_model
+from flatstack.checkpoint.grok1 import grok1_config, grok1_tensors_to_native, read_grok1_arrays
 
 FIXTURE = SHARED / "fixtures" / "grok1_tiny.npz"
 FIXTURE_CFG = SHARED / "fixtures" / "grok1_tiny.json"

@@ -236,8 +236,8 @@ def load_model_and_tokenizer(model, tokenizer, config: EngineConfig) -> tuple[Tr
     files: dict[str, str] = {}
     source = tokenizer if tokenizer is not None else model
     if not isinstance(model, Transformer):
-        files = tokenizer_files(model)
-        model = load(model, dtype=config.torch_dtype, device=config.device)
+        path, model = model, load(model, dtype=config.torch_dtype, device=config.device)
+        files = tokenizer_files(path)  # after the weights: a bad file's weights are what its error names
     if isinstance(tokenizer, Tokenizer):
         return model, tokenizer, files
     if tokenizer is not None:
