@@ -29,8 +29,10 @@ import torch.nn.functional as F
 from flatstack.allocator import keep_freed_memory
 from flatstack.ceilings import matmul_flops, memory_bandwidth, sync
 from flatstack.checkpoint import detect_format
+from flatstack.losses import RouterLogits
 from flatstack.model import ModelConfig, Transformer, model_stats
-from flatstack.train import RouterLogits, TrainConfig, build_optimizers, optimizer_step
+from flatstack.optim import build_optimizers
+from flatstack.train import TrainConfig, optimizer_step
 
 # GPT-2 small's size (12 layers, 768 wide, 124M parameters, context 256) in the Llama-style block, and a
 # Grok-style MoE with about as many active parameters per token.

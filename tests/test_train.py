@@ -17,16 +17,9 @@ from conftest import SHARED
 import flatstack
 from flatstack.cli import main
 from flatstack.data import PrepareConfig, prepare
+from flatstack.losses import RouterLogits, apply_activation_checkpointing, moe_losses
 from flatstack.model import Transformer, preset
-from flatstack.train import (
-    RouterLogits,
-    Run,
-    TrainConfig,
-    TrainingError,
-    apply_activation_checkpointing,
-    moe_losses,
-    train,
-)
+from flatstack.train import Run, TrainConfig, TrainingError, train
 
 TEXT = (SHARED / "data" / "tinyshakespeare.txt").read_text()[:60_000]
 SMALL = dict(model="grok-1-tiny", seq_len=32, batch_size=4, warmup_steps=5, eval_tokens=2000, samples=0,
@@ -164,7 +157,7 @@ def test_kill_during_checkpoint_write_leaves_previous_loadable(data_dir, tmp_pat
     """The process dies inside its second checkpoint write: the first stays whole and resumable."""
     code = (
         "import os, signal, sys\n"
-        "import flatstack.checkpoint as c\n"
+        "import flatstack.checkpoint.native as c\n"
         "orig, calls = c.write_safetensors, []\n"
         "def dying(*a, **k):\n"
         "    calls.append(1)\n"
@@ -266,7 +259,7 @@ def test_shipped_configs_train(config, data_dir, tmp_path, capsys):
 
 
 def test_muon_batched_by_shape_equals_one_matrix_at_a_time():
-    from flatstack.train import Muon, newton_schulz
+    from flatstack.optim import Muon, newton_schulz
 
     gen = torch.Generator().manual_seed(0)
     shapes = [(16, 16), (16, 16), (40, 16), (16, 40), (4, 40, 16), (4, 16, 40)]  # tall, wide, expert stacks
