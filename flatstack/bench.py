@@ -197,7 +197,7 @@ def bytes_per_decode_token(model: Transformer, head: torch.nn.Module | None, con
     """Weight bytes one decode step reads (every matrix once; of the embedding table, one row unless it
     is also the LM head; `head` is the engine's own LM head, if it has one) plus the keys and values of
     `context` cached positions."""
-    from flatstack.engine.runner import kv_bytes_per_token
+    from flatstack.engine import kv_bytes_per_token
 
     skip = {"tok_embeddings.weight"} if (head is not None or not model.cfg.tied_embeddings) else set()
     if head is not None:
@@ -241,6 +241,35 @@ def llama_cpp_decode(gguf: str, prompt: list[int], max_tokens: int) -> tuple[flo
         raise ChildProcessError(f"llama.cpp failed on {gguf} (exit {out.returncode}): {out.stderr.strip()[-600:]}")
     tokens_per_s, first = json.loads(out.stdout.strip().splitlines()[-1])
     return tokens_per_s, first
+
+
+def transformers_decode(model_path: str, prompt: list[int], max_tokens: int) -> tuple[float, float]:
+    """Greedy decode tokens/s and time to first token of transformers' `generate` on the same model, float32,
+    after a warm-up; the first token is timed on its own and taken out of the decode rate."""
+    hf = hf_reference(model_path, torch.float32)
+    ids = torch.tensor([prompt])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        hf.generate(ids[:, :16], attention_mask=mask[:, :16], max_new_tokens=8, do_sample=False)  # warm-up
+        t0 = time.perf_counter()
+        hf.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        hf.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+    return (max_tokens - 1) / (time.perf_counter() - t0 - first), first
+
+
+def llama_cpp_report(model_path: str, prompt: list[int], max_tokens: int, repeats: int, measured,
+                     report: dict) -> dict:
+    import llama_cpp as lc
+
+    runs = [measured(lambda: llama_cpp_decode(model_path, prompt, max_tokens)) for _ in range(repeats)]
+    for r in runs:  # it reads the file's own quantised bytes, not our bytes_per_token
+        del r["fraction_of_roofline"]
+    run = sorted(runs, key=lambda r: r["decode_tokens_per_s"])[(repeats - 1) // 2]
+    return {"llama_cpp": {"name": f"llama.cpp (llama-cpp-python {lc.__version__}), the GGUF file as stored, "
+                                  f"{torch.get_num_threads()} threads", **run, "runs": runs},
+            "ratio_to_llama_cpp": report["flatstack"]["decode_tokens_per_s"] / run["decode_tokens_per_s"]}
 
 
 def bench_decode(model_path: str, prompt_tokens: int = 128, max_tokens: int = 128, quantize: str | None = None,
@@ -293,36 +322,13 @@ def bench_decode(model_path: str, prompt_tokens: int = 128, max_tokens: int = 12
                       "runs": runs},
     }
     if baseline:
-        hf = hf_reference(model_path, torch.float32)
-        ids = torch.tensor([prompt])
-        mask = torch.ones_like(ids)
-
-        def theirs():
-            t0 = time.perf_counter()
-            hf.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False)
-            first = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            hf.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                        do_sample=False)
-            return (max_tokens - 1) / (time.perf_counter() - t0 - first), first
-
-        with torch.no_grad():
-            hf.generate(ids[:, :16], attention_mask=mask[:, :16], max_new_tokens=8, do_sample=False)  # warm-up
-            run = measured(theirs)
+        run = measured(lambda: transformers_decode(model_path, prompt, max_tokens))
         import transformers
 
         report["baseline"] = {"name": f"transformers {transformers.__version__} generate, float32", **run}
         report["ratio"] = report["flatstack"]["decode_tokens_per_s"] / run["decode_tokens_per_s"]
-    if llama_cpp:  # the issue's bar for quantised weights: llama.cpp on the same file
-        import llama_cpp as lc
-
-        runs = [measured(lambda: llama_cpp_decode(model_path, prompt, max_tokens)) for _ in range(repeats)]
-        for r in runs:  # it reads the file's own quantised bytes, not the bytes_per_token above
-            del r["fraction_of_roofline"]
-        run = sorted(runs, key=lambda r: r["decode_tokens_per_s"])[(repeats - 1) // 2]
-        report["llama_cpp"] = {"name": f"llama.cpp (llama-cpp-python {lc.__version__}), the GGUF file as stored, "
-                                       f"{torch.get_num_threads()} threads", **run, "runs": runs}
-        report["ratio_to_llama_cpp"] = report["flatstack"]["decode_tokens_per_s"] / run["decode_tokens_per_s"]
+    if llama_cpp:  # llama.cpp on the same file, as it stores it
+        report.update(llama_cpp_report(model_path, prompt, max_tokens, repeats, measured, report))
     return report
 
 

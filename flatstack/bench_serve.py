@@ -53,8 +53,7 @@ async def serve_load(url: str, model: str, requests: list[tuple[list[int], int]]
             body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True,
                     "stream": True, "stream_options": {"include_usage": True}}
             start = time.perf_counter()
-            first = last = None
-            tokens = 0
+            first, last, tokens = None, None, 0
             try:
                 async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as r:
                     if r.status_code != 200:

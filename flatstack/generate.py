@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from flatstack.engine.sampling import SamplingParams, sample
+from flatstack.engine import SamplingParams, sample
 from flatstack.model import KVCache, Transformer
 from flatstack.tokenizer import EOS, IM_END, chat_segments
 
