@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flatstack.kernels import attention
+
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
@@ -251,35 +253,13 @@ class Attention(nn.Module):
         """q: [B, H, T, D]; k, v: [B, Hkv, S, D]; the T queries are the last T of the S positions (causal,
         within the sliding window)."""
         cfg = self.cfg
-        B, H, T, D = q.shape
-        S, Hkv = k.shape[2], k.shape[1]
+        H, T, S, Hkv = q.shape[1], q.shape[2], k.shape[2], k.shape[1]
         if cfg.attn_logit_softcap is None and cfg.sliding_window is None:
             # Fast path: fused attention; a bottom-right causal mask when queries are the last T keys.
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=None if T == S else causal_mask(T, S, None, q.device), is_causal=T == S > 1,
-                scale=self.scale, enable_gqa=H != Hkv,
-            )
-        # The queries sharing a KV head go together as rows of one matmul, so keys and values are
-        # never repeated per query head: [B, Hkv, group * T, D] @ [B, Hkv, D, S].
-        group = H // Hkv
-        logits = (q.reshape(B, Hkv, group * T, D) @ k.transpose(-1, -2)).float() * self.scale
-        logits = logits.view(B, Hkv, group, T, S)
-        if cfg.attn_logit_softcap is not None:
-            cap = cfg.attn_logit_softcap
-            logits = cap * torch.tanh(logits / cap)
-        mask = causal_mask(T, S, cfg.sliding_window, q.device)
-        probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).to(v.dtype)
-        return (probs.view(B, Hkv, group * T, S) @ v).view(B, H, T, D)
-
-
-def causal_mask(T: int, S: int, window: int | None, device) -> torch.Tensor:
-    """[T, S] boolean, True where query i (at position S - T + i) may see key j."""
-    qpos = torch.arange(S - T, S, device=device)[:, None]
-    kpos = torch.arange(S, device=device)[None, :]
-    mask = kpos <= qpos
-    if window is not None:
-        mask &= kpos > qpos - window
-    return mask
+            mask = None if T == S else attention.causal_mask(T, S, None, q.device)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T == S > 1, scale=self.scale,
+                                                  enable_gqa=H != Hkv)
+        return attention.reference(q, k, v, self.scale, cfg.attn_logit_softcap, cfg.sliding_window)
 
 
 class MLP(nn.Module):

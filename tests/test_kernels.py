@@ -154,3 +154,15 @@ def test_decode_attention_before_write_equals_writing_first(softcap, window):
         k_pool[:, block, offset], v_pool[:, block, offset] = k_new[b], v_new[b]
     ref = pa.reference(q, k_pool, v_pool, tables, context + 1, 0.3, softcap, window)
     assert (out - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("T, S", [(7, 7), (3, 11), (1, 9)])
+def test_fused_sdpa_path_matches_the_attention_reference(T, S):
+    """The model's fast path (torch's fused attention, no soft cap or window) against the one reference."""
+    from flatstack.kernels import attention
+    from flatstack.model import Attention, ModelConfig
+
+    cfg = ModelConfig(vocab_size=32, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64)
+    attn = Attention(cfg, 0)
+    q, k, v = torch.randn(2, 4, T, 8), torch.randn(2, 2, S, 8), torch.randn(2, 2, S, 8)
+    torch.testing.assert_close(attn.attend(q, k, v), attention.reference(q, k, v, attn.scale), rtol=1e-5, atol=1e-5)

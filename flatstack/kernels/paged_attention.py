@@ -4,7 +4,8 @@ The KV pool holds, per layer, keys and values [n_kv_heads, num_blocks, block_siz
 owns the blocks block_tables[b] (padded to a common width) and has lengths[b] cached positions, the last
 of which is its query's own. The batched torch path picks every sequence's blocks in one index_select
 and puts the query heads sharing a KV head together as rows of one matmul, so the context is gathered
-once per layer and never repeated per query head. The reference loops over sequences and heads.
+once per layer and never repeated per query head. The reference gathers each sequence's context and
+calls attention's one reference (kernels/attention.py).
 
 `decode_attention` picks the C kernel (paged_attention.c, through kernels/native.py) for float32 CPU
 pools: it reads each context where it lies, with no gathered copy (a 64-sequence step at contexts up to
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from flatstack.kernels import native
+from flatstack.kernels import attention, native
 
 
 def context_mask(lengths: torch.Tensor, width: int, window: int | None) -> torch.Tensor:
@@ -43,22 +44,17 @@ def gather_blocks(pool: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def reference(q, k_pool, v_pool, block_tables, lengths, scale: float, softcap: float | None = None,
               window: int | None = None) -> torch.Tensor:
-    """q [B, H, D] -> [B, H, D], one sequence and one head at a time."""
+    """q [B, H, D] -> [B, H, D]: each sequence's context read from its blocks, then attention's reference
+    (kernels/attention.py) for its one query, the last of its positions."""
     B, H, D = q.shape
     Hkv, _, bs, _ = k_pool.shape
     out = torch.empty_like(q)
     for b in range(B):
         n = int(lengths[b])
         blocks = block_tables[b, : -(-n // bs)]
-        k = k_pool[:, blocks].reshape(Hkv, -1, D)[:, :n]
-        v = v_pool[:, blocks].reshape(Hkv, -1, D)[:, :n]
-        first = 0 if window is None else max(0, n - window)
-        for h in range(H):
-            kv = h // (H // Hkv)
-            logits = (k[kv, first:].float() @ q[b, h].float()) * scale
-            if softcap is not None:
-                logits = softcap * torch.tanh(logits / softcap)
-            out[b, h] = (logits.softmax(-1) @ v[kv, first:].float()).to(q.dtype)
+        k = k_pool[:, blocks].reshape(Hkv, -1, D)[None, :, :n]
+        v = v_pool[:, blocks].reshape(Hkv, -1, D)[None, :, :n]
+        out[b] = attention.reference(q[b][None, :, None], k, v, scale, softcap, window)[0, :, 0]
     return out
 
 
