@@ -9,7 +9,6 @@ import sys
 from dataclasses import fields
 
 from flatstack.commands import (
-    PRESET_HELP,
     cmd_bench,
     cmd_chat,
     cmd_convert,
@@ -94,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_checkpoint_commands(sub) -> None:
     s = sub.add_parser("info", help="parameters, FLOPs per token and bytes of a preset or checkpoint")
-    s.add_argument("src", help=f"a preset ({PRESET_HELP}), a checkpoint folder or a .gguf file")
+    s.add_argument("src", help="a preset name (an unknown name lists them), a checkpoint folder or a .gguf file")
     s.add_argument("--context", type=int, default=None, help="context for attention FLOPs (default: max_seq_len)")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.set_defaults(func=cmd_info)
@@ -131,7 +130,7 @@ def add_training_commands(sub) -> None:
                        "--batch-tokens, --compile, ...) or ModelConfig field for presets (--d-model, --n-layers, "
                        "...) can be given as --key value.")
     s.add_argument("--data", help="DATA_DIR from flatstack prepare")
-    s.add_argument("--model", help=f"a preset ({PRESET_HELP}) or a checkpoint (default grok-1-tiny)")
+    s.add_argument("--model", help="a preset name (see flatstack info) or a checkpoint (default grok-1-tiny)")
     s.add_argument("--out", help="RUN_DIR (default runs/run)")
     s.add_argument("--init-from", help="a checkpoint to fine-tune or continue (native or Hugging Face)")
     s.add_argument("--config", help="a TOML file of settings ([model_overrides] table for model fields)")

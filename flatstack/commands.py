@@ -12,8 +12,6 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
-PRESET_HELP = "grok-1, grok-1-tiny, llama-3.2-1b, qwen3-0.6b, mixtral-8x7b, smollm2-135m"
-
 
 class CommandError(ValueError):
     """A command that cannot go on; main prints its message as one line."""

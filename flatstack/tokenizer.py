@@ -15,7 +15,8 @@ EOS = "<|endoftext|>"  # separates documents; ends generation
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SPECIALS = [EOS, IM_START, IM_END]
 CHAT_ROLES = ("system", "user", "assistant")
-# The same template in Jinja, for tools that read tokenizer_config.json (Hugging Face, the engine).
+# ChatML is defined once, by chat_segments below; this is its Jinja export, for what reads
+# tokenizer_config.json (Hugging Face tools, the engine), held equal to it by tests/test_data.py.
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

@@ -217,3 +217,13 @@ def test_uint32_when_vocabulary_exceeds_uint16(tmp_path):
     assert meta["dtype"] == "uint32"
     ids, _ = TokenData(tmp_path / "d", "train").read(0, 10)
     assert ids.dtype == np.int64 and ids[1] == 65000
+
+
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_chatml_has_one_definition_and_its_jinja_export_equals_it(add_generation_prompt):
+    from flatstack.tokenizer import CHAT_TEMPLATE, chat_segments, render_chat
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\nthere"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": ""}]
+    assert render_chat(CHAT_TEMPLATE, messages, add_generation_prompt) == \
+        "".join(text for text, _ in chat_segments(messages, add_generation_prompt))
