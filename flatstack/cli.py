@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_checkpoint_commands(sub) -> None:
+    from flatstack.engine.config import DTYPES
+
     s = sub.add_parser("info", help="parameters, FLOPs per token and bytes of a preset or checkpoint")
     s.add_argument("src", help="a preset name (an unknown name lists them), a checkpoint folder or a .gguf file")
     s.add_argument("--context", type=int, default=None, help="context for attention FLOPs (default: max_seq_len)")
@@ -104,7 +106,7 @@ def add_checkpoint_commands(sub) -> None:
     s.add_argument("dst", help="the native checkpoint folder to write")
     s.add_argument("--from", dest="source", required=True, choices=("hf", "gguf", "xai-grok1"))
     s.add_argument("--config", help="config JSON (xai-grok1 only; default: the grok-1 preset)")
-    s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast the weights (default: keep)")
+    s.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: keep)")
     s.set_defaults(func=cmd_convert)
 
 
@@ -166,6 +168,8 @@ def add_inference_commands(sub) -> None:
 
 
 def add_bench_command(sub) -> None:
+    from flatstack.engine.config import QUANTIZE
+
     s = sub.add_parser("bench", help="benchmarks against this machine's ceilings and a same-run baseline")
     s.add_argument("what", choices=("train", "decode", "throughput", "serve"))
     s.add_argument("url", nargs="?", help="serve: the server's URL, e.g. http://127.0.0.1:8000")
@@ -177,7 +181,8 @@ def add_bench_command(sub) -> None:
     s.add_argument("--no-compile", action="store_true", help="train: flatstack without torch.compile")
     s.add_argument("--device", help="train: cpu or cuda (default: cuda if available)")
     s.add_argument("--model", help="decode, throughput: a .gguf file, a Hugging Face folder or a checkpoint")
-    s.add_argument("--quantize", choices=("int8", "int4"), help="decode, throughput: weight-only quantisation")
+    s.add_argument("--quantize", choices=QUANTIZE, help="decode, throughput, serve --startup: weight-only "
+                   "quantisation")
     s.add_argument("--no-baseline", action="store_true", help="decode, throughput: skip transformers")
     s.add_argument("--prompt-tokens", type=int, default=128, help="decode: prompt length (default 128)")
     s.add_argument("--max-tokens", type=int, default=128, help="decode: tokens generated (default 128)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE = ("int8", "int4")
 
 
 def setting(default, help: str, **extra):
@@ -23,7 +24,7 @@ class EngineConfig:
     max_num_seqs: int = setting(64, "sequences per step")
     max_num_batched_tokens: int = setting(512, "tokens per step")
     prefix_caching: bool = setting(True, "reuse the KV blocks of prompt prefixes seen before")
-    quantize: str | None = setting(None, "weight-only quantisation for inference", choices=("int8", "int4"))
+    quantize: str | None = setting(None, "weight-only quantisation for inference", choices=QUANTIZE)
     enforce_eager: bool = setting(False, "never compile the decode step's blocks (slower decoding)")
     seed: int | None = setting(None, "seed of the random seeds given to requests without one")
 
@@ -35,8 +36,8 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if self.quantize not in (None, "int8", "int4"):
-            raise ValueError(f"quantize must be int8 or int4; got {self.quantize!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}; got {self.quantize!r}")
 
     @property
     def torch_dtype(self):
