@@ -7,9 +7,8 @@ import ctypes
 
 def keep_freed_memory() -> None:
     """Stop glibc from handing large freed blocks back to the OS. By default every tensor above a few
-    MiB is a fresh mmap, so each step page-faults its activations, logits and gradients in again
-    (measured: a quarter of a GPT-2-small CPU training step, and 40% of a 32-sequence decode step,
-    whose gathered keys and values are such tensors). Training and inference reuse the same sizes
+    MiB is a fresh mmap, so each step page-faults its activations, logits and gradients in again (a
+    large share of a CPU training or batched decode step). Training and inference reuse the same sizes
     every step, so the process keeps the memory instead, as jemalloc or tcmalloc would. No-op off
     glibc."""
     try:

@@ -2,10 +2,9 @@
    with one float32 scale per output channel. Built and loaded by kernels/native.py.
 
    Decoding is bound by the bytes of weight read. Two things make this loop read faster than the
-   reduction TorchInductor generates for the same product (measured on the int8 LM head of
-   SmolLM2-135M, 28 MB: 0.75-0.86 ms against 1.0-1.9 ms):
-   - a software prefetch of the next step's rows: rows of 576 bytes end before the hardware
-     prefetcher has ramped up (measured 15 GB/s without it, 37-48 GB/s with it);
+   reduction TorchInductor generates for the same product:
+   - a software prefetch of the next step's rows: short rows end before the hardware prefetcher
+     has ramped up;
    - four output rows per step, so four independent accumulators share each load of x. */
 
 #include <stdint.h>
@@ -14,7 +13,7 @@
 
 #define V 16 /* lanes per accumulator */
 #define R 4  /* output rows per step */
-#define AHEAD 1 /* prefetch distance, in steps of R rows (measured best of 1, 2, 4, 8, 16) */
+#define AHEAD 1 /* prefetch distance, in steps of R rows: the best of 1, 2, 4, 8, 16 */
 
 /* sixteen int8 weights as floats; GCC scalarises a generic int8 -> float vector conversion, so the
    x86 forms are spelled out */

@@ -1,9 +1,9 @@
 """Linear layers for inference: float, weight-only int8 (per output channel) and int4 (group-wise).
 
 Decoding multiplies a few rows by every weight matrix once per token, so it is bound by the bytes of
-weight read, not by arithmetic. On this project's CPUs the BLAS matrix-vector path reads float32
-weights at about a third of the memory bandwidth, and torch's packed int8/int4 CPU kernels read
-0.6-2.5 GB/s of weights with float32 activations (measured on an AVX-512 Zen 4). The fast path here
+weight read, not by arithmetic. The BLAS matrix-vector path reads float32 weights well below the
+memory bandwidth, and torch's packed int8/int4 CPU kernels slower still with float32 activations
+(docs/design.md has the figures). The fast path here
 is one fused reduction per product, compiled by TorchInductor into a vectorised C++ loop: each weight
 byte is read once, and quantised weights are unpacked and scaled inside the loop, so int8 reads a
 quarter and int4 an eighth of float32's bytes.
@@ -27,7 +27,7 @@ from torch import nn
 
 from flatstack.kernels import native
 
-FEW_ROWS = 6  # at most this many rows take the fused reduction (measured: faster than BLAS up to 4-6)
+FEW_ROWS = 6  # at most this many rows take the fused reduction: past that, BLAS wins
 INT4_GROUP = 32
 
 
