@@ -358,3 +358,26 @@ def test_past_the_queue_limit_requests_get_503_and_retry_after(slow_checkpoint):
             assert_error_shape(stream, 503)
         assert not any(wait_idle(url).values())  # the stream's client left: its slots came back
         assert post(url, C, {**GOOD, "n": 2}).status_code == 200
+
+
+def test_served_while_the_decode_graphs_compile_then_by_them(checkpoint, tmp_path, monkeypatch):
+    """With no compile cache, /health is 200 and requests are answered before the decode graphs exist (the
+    eager path, named by /metrics), and the compiled path that takes over gives the same greedy text."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    body = {**GOOD, "prompt": "early", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+
+    def decode_path(url) -> str:
+        text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        return text.split('flatstack_decode_path{path="', 1)[1].split('"', 1)[0]
+
+    with running_server(checkpoint) as url:
+        early = post(url, C, body)
+        path_then = decode_path(url)
+        deadline = time.time() + 300
+        while decode_path(url) == "compiling" and time.time() < deadline:
+            time.sleep(0.5)
+        assert decode_path(url) == "compiled"
+        late = post(url, C, body)
+    assert early.status_code == late.status_code == 200
+    assert path_then == "compiling"  # compiling takes seconds; this request took milliseconds
+    assert early.json()["choices"][0]["text"] == late.json()["choices"][0]["text"]
