@@ -5,7 +5,9 @@ server derived from their config dataclasses); what the commands do is commands.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 from dataclasses import fields
 
 from flatstack.commands import (
@@ -198,8 +200,10 @@ def add_bench_command(sub) -> None:
     s.add_argument("--api-key", help="serve: the server's API key")
     s.add_argument("--startup", action="store_true", help="serve: start `flatstack serve --model` twice (cold and "
                    "warm compile cache) and time /health and the first token from process start")
-    s.add_argument("--prompt-range", type=int, nargs=2, default=[64, 256], metavar=("MIN", "MAX"))
-    s.add_argument("--output-range", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
+    s.add_argument("--prompt-range", type=int, nargs=2, default=[64, 256], metavar=("MIN", "MAX"),
+                   help="throughput, serve: prompt lengths drawn uniformly (default 64 256)")
+    s.add_argument("--output-range", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"),
+                   help="throughput, serve: output lengths drawn uniformly (default 32 128)")
     s.add_argument("--baseline-batch", type=int, default=8, help="throughput: transformers batch (default 8)")
     s.set_defaults(func=cmd_bench)
 
@@ -220,5 +224,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The `flatstack` program: main, then exit. If the decode graphs are still compiling on their own
+    thread, the process ends without tearing the interpreter down around that thread (which can abort
+    in C++ mid-compile): output is flushed first, and nothing else is left to do."""
+    code = main()
+    if any(t.name == "flatstack-compile" and t.is_alive() for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

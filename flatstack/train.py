@@ -88,7 +88,10 @@ class Run:
                 raise DataError("model overrides apply to presets only, not to --init-from checkpoints")
             model = load(source, dtype=torch.float32, device=self.device)
         else:
-            sizes = {"vocab_size": self.train_data.meta["vocab_size"], "max_seq_len": cfg.seq_len}
+            # the data's tokenizer decides the special tokens, not the preset's original vocabulary (whose
+            # ids mean other characters here): None lets the engine take the tokenizer's own markers
+            sizes = {"vocab_size": self.train_data.meta["vocab_size"], "max_seq_len": cfg.seq_len,
+                     "bos_token_id": None, "eos_token_id": None}
             try:
                 mcfg = preset(cfg.model, **{**sizes, **cfg.model_overrides})
             except (TypeError, ValueError) as e:

@@ -25,8 +25,13 @@ def default_of(action: argparse.Action) -> str:
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         return ""
     d = action.default
-    if d is None or d == argparse.SUPPRESS or d == []:
+    if d is None or d == argparse.SUPPRESS or d == [] or d == "":
         return ""
+    if isinstance(d, int) and not isinstance(d, bool) and d >= 1 << 20:
+        for suffix, unit in (("G", 1 << 30), ("M", 1 << 20)):
+            if d % unit == 0:  # sizes as the options take them: 1G, 4M
+                d = f"{d // unit}{suffix}"
+                break
     if isinstance(d, list):
         d = " ".join(map(str, d))
     return f"`{d}`"

@@ -189,6 +189,21 @@ def test_the_docs_name_only_options_that_exist():
         assert not named - known, f"{doc.name} names options no command takes: {sorted(named - known)}"
 
 
+def test_the_reference_lists_every_training_and_model_setting():
+    from flatstack.model import ModelConfig
+    from flatstack.train import TrainConfig
+
+    text = (ROOT / "docs" / "reference.md").read_text(encoding="utf-8")
+    train_section = text.split("### `TrainConfig`", 1)[1].split("\n### ", 1)[0]
+    model_section = text.split("### Model fields", 1)[1].split("\n### ", 1)[0]
+    listed = set(re.findall(r"^\| `(\w+)`(?:, `(\w+)`)? \|", train_section, re.M))
+    listed_names = {name for pair in listed for name in pair if name}
+    train_fields = {f.name for f in fields(TrainConfig)}
+    assert listed_names == train_fields, f"reference.md's TrainConfig table differs: {listed_names ^ train_fields}"
+    missing = {f.name for f in fields(ModelConfig)} - set(re.findall(r"`(\w+)`", model_section))
+    assert not missing, f"reference.md's model fields lack {sorted(missing)}"
+
+
 def test_the_cli_reference_is_current():
     """docs/reference.md lists every command and option as the parser has them (scripts/cli_reference.py)."""
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "cli_reference.py"), "--check"],
