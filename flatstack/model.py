@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatstack.kernels import attention
+from flatstack.kernels import attention, moe
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -280,7 +280,7 @@ class MoE(nn.Module):
     """Softmax router over all experts, top-k, each token sent to its k experts.
 
     Expert weights are stacked [E, out, in] so the whole layer is three tensors: what a grouped GEMM
-    kernel or an expert-parallel shard wants. The training losses read the router's logits (load
+    (kernels/moe.py, in bf16) or an expert-parallel shard wants. The training losses read the router's logits (load
     balance, z-loss) through a forward hook on `router` that the trainer installs.
     """
 
@@ -304,23 +304,8 @@ class MoE(nn.Module):
         if cfg.renormalize_topk:
             weights = weights / weights.sum(-1, keepdim=True)
         weights = weights.to(x.dtype)
-        out = torch.zeros_like(x)
-        # Sort the (token, slot) pairs by expert once, then run each expert on its contiguous slice.
-        flat_experts = experts.flatten()
-        order = flat_experts.argsort(stable=True)
-        counts = torch.bincount(flat_experts, minlength=cfg.n_experts).tolist()
-        token_of = order // cfg.experts_per_token
-        weight_of = weights.flatten()[order]
-        begin = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            idx = token_of[begin : begin + n]
-            h = x[idx]
-            h = self.act(h @ self.w_gate[e].T) * (h @ self.w_up[e].T)
-            out.index_add_(0, idx, (h @ self.w_down[e].T) * weight_of[begin : begin + n, None])
-            begin += n
-        return out.view(shape)
+        run = moe.grouped if moe.grouped_ok(x, self.w_gate) else moe.reference
+        return run(x, experts, weights, self.w_gate, self.w_up, self.w_down, self.act).view(shape)
 
 
 class Block(nn.Module):
