@@ -259,7 +259,10 @@ class Attention(nn.Module):
             mask = None if T == S else attention.causal_mask(T, S, None, q.device)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T == S > 1, scale=self.scale,
                                                   enable_gqa=H != Hkv)
-        return attention.reference(q, k, v, self.scale, cfg.attn_logit_softcap, cfg.sliding_window)
+        # a soft cap or a window: FlexAttention on GPUs, where it never builds the [T, S] logits and has a
+        # backward; on the CPU (forward only, and compiled per shape) the reference
+        attend = attention.flex if q.device.type == "cuda" else attention.reference
+        return attend(q, k, v, self.scale, cfg.attn_logit_softcap, cfg.sliding_window)
 
 
 class MLP(nn.Module):

@@ -218,3 +218,23 @@ def test_a_bf16_moe_model_routes_through_the_grouped_experts(monkeypatch):
     with torch.no_grad():
         model(tokens)
     assert calls and moe.grouped_ok(torch.zeros(1, 64, dtype=torch.bfloat16), model.layers[0].ffn.w_gate)
+
+
+FLEX_CASES = [  # (heads, kv heads, head_dim, T, S, soft cap, window): GQA ratios 1, 3 and 8, lengths off the
+    # 128-token block size, queries offset into the keys as a chunked prefill's are
+    (8, 8, 64, 77, 77, None, 16),
+    (6, 2, 128, 129, 129, 30.0, 64),
+    (8, 1, 64, 100, 300, 30.0, None),
+    (8, 1, 128, 200, 500, 30.0, 128),
+]
+
+
+@pytest.mark.parametrize("H, Hkv, D, T, S, softcap, window", FLEX_CASES)
+def test_flex_attention_equals_the_reference(H, Hkv, D, T, S, softcap, window):
+    from flatstack.kernels import attention
+
+    gen = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(1, h, n, D, generator=gen) for h, n in ((H, T), (Hkv, S), (Hkv, S)))
+    with torch.no_grad():
+        got = attention.flex(q, k, v, D**-0.5, softcap, window)
+    torch.testing.assert_close(got, attention.reference(q, k, v, D**-0.5, softcap, window), rtol=1e-5, atol=1e-5)
