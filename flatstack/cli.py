@@ -173,15 +173,15 @@ def add_bench_command(sub) -> None:
     from flatstack.engine.config import QUANTIZE
 
     s = sub.add_parser("bench", help="benchmarks against this machine's ceilings and a same-run baseline")
-    s.add_argument("what", choices=("train", "decode", "throughput", "serve"))
+    s.add_argument("what", choices=("train", "decode", "throughput", "serve", "kernels"))
     s.add_argument("url", nargs="?", help="serve: the server's URL, e.g. http://127.0.0.1:8000")
     s.add_argument("--json-out", help="also write the JSON report here")
-    s.add_argument("--small", action="store_true", help="train: tiny models, a quick check that it runs")
+    s.add_argument("--small", action="store_true", help="train, kernels: tiny shapes, a quick check that it runs")
     s.add_argument("--batch", type=int, default=8, help="train: sequences per step (default 8)")
     s.add_argument("--warmup", type=int, default=2, help="train: untimed steps first (default 2)")
     s.add_argument("--steps", type=int, default=3, help="train: timed steps; the median is reported (default 3)")
     s.add_argument("--no-compile", action="store_true", help="train: flatstack without torch.compile")
-    s.add_argument("--device", help="train: cpu or cuda (default: cuda if available)")
+    s.add_argument("--device", help="train, kernels: cpu or cuda (default: cuda if available)")
     s.add_argument("--model", help="decode, throughput: a .gguf file, a Hugging Face folder or a checkpoint")
     s.add_argument("--quantize", choices=QUANTIZE, help="decode, throughput, serve --startup: weight-only "
                    "quantisation")

@@ -313,6 +313,11 @@ def cmd_bench(args) -> None:
             report = bench_serve.bench_serve(args.url, args.concurrency, args.num_requests, args.request_rate,
                                              tuple(args.prompt_range), tuple(args.output_range), args.api_key)
         print(json.dumps(report, indent=1))
+    elif args.what == "kernels":
+        from flatstack.bench_kernels import bench_kernels
+
+        report = bench_kernels(args.device, args.small)
+        print(json.dumps(report, indent=1))
     elif args.what == "train":
         report = bench.bench_train(small=args.small, batch=args.batch, warmup=args.warmup, steps=args.steps,
                                    compile=not args.no_compile, device=args.device)

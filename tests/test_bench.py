@@ -66,3 +66,15 @@ def test_bench_decode_names_bad_options(hf_llama, capsys):
     assert "--repeats must be at least 1; got 0" in capsys.readouterr().err
     assert main(["bench", "decode", "--model", str(hf_llama), "--llama-cpp"]) == 1
     assert f"--llama-cpp needs a .gguf file; got {hf_llama}" in capsys.readouterr().err
+
+
+def test_bench_kernels_reports_ceilings_baselines_and_ratios():
+    from flatstack.bench_kernels import bench_kernels
+
+    report = bench_kernels("cpu", small=True)
+    assert set(report["ceiling"]) == {"matmul_flops_float32", "matmul_flops_bfloat16",
+                                      "memory_read_bandwidth_bytes_per_s"}
+    assert [op["op"].split(",")[0] for op in report["ops"]] == ["attention", "MoE experts"]
+    for op in report["ops"]:
+        assert op["seconds"] > 0 and op["baseline_seconds"] > 0 and op["baseline"]
+        assert op["speedup_over_baseline"] == op["baseline_seconds"] / op["seconds"]
