@@ -106,10 +106,14 @@ class LLM:
     def make_sequence(self, prompt: str | list[int], params: SamplingParams | None = None,
                       request_id: str | None = None) -> Sequence:
         params = params or SamplingParams()
-        ids = self.check_request(prompt, params)
+        return self.sequence(self.check_request(prompt, params), params, request_id)
+
+    def sequence(self, ids: list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+        """The sequence of a request `check_request` has passed (its ids), with the request's own RNG."""
         seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
         request_id = request_id if request_id is not None else str(next(self.counter))
-        return Sequence(request_id, ids, len(ids), params, torch.Generator().manual_seed(seed))
+        # its own list: the prompt grows into the sequence's tokens, and choices of a request share the ids
+        return Sequence(request_id, list(ids), len(ids), params, torch.Generator().manual_seed(seed))
 
     def add_sequence(self, seq: Sequence) -> str:
         if seq.request_id in self.requests:

@@ -57,7 +57,7 @@ class EngineLoop:
         """Queue requests (prompt token ids, as `LLM.check_request` returned them, and their parameters),
         all or none; called on the event loop that will read their outputs."""
         loop = asyncio.get_running_loop()
-        seqs = [self.llm.make_sequence(ids, params, uuid.uuid4().hex) for ids, params in requests]
+        seqs = [self.llm.sequence(ids, params, uuid.uuid4().hex) for ids, params in requests]  # checked already
         with self.lock:
             if len(self.listeners) + len(seqs) > self.max_queue:
                 raise EngineBusy(f"the server is at its limit of {self.max_queue} queued sequences; retry later")
