@@ -43,7 +43,6 @@ class EngineLoop:
         self.listeners: dict[str, Request] = {}
         self.lock = threading.Lock()  # guards `listeners`: added on the event loop, removed on this thread
         self.stats = llm.stats
-        self.error: str | None = None
         self.running = False
 
     # -- the event loop's side ------------------------------------------------------------------
@@ -153,7 +152,6 @@ class EngineLoop:
         return True
 
     def fail_all(self, error: str) -> None:
-        self.error = error
         for request_id in list(self.listeners):
             self.llm.abort(request_id)
             self.deliver(request_id, RuntimeError(error))
