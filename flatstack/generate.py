@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from flatstack.engine import SamplingParams, sample
+from flatstack.engine import SamplingParams, sample_id
 from flatstack.model import KVCache, Transformer
 from flatstack.tokenizer import EOS, IM_END, chat_segments
 
@@ -51,7 +51,7 @@ def generate(
     out: list[int] = []
     generator = generator if generator is not None else torch.default_generator
     for _ in range(max_new_tokens):
-        next_id = sample(logits.float(), params, prompt, out, generator)
+        next_id = sample_id(logits.float().to(generator.device), params, prompt, out, generator)
         if stop_ids and next_id in stop_ids:
             break
         out.append(next_id)

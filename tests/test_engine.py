@@ -11,7 +11,9 @@ import torch
 
 from flatstack import LLM, SamplingParams
 from flatstack.engine import RequestError, decode_graphs
+from flatstack.engine.cuda_graphs import buckets
 from flatstack.engine.decode_graphs import group_size
+from flatstack.engine.runner import ModelRunner
 from flatstack.engine.sampling import apply_penalties, filter_logits
 from flatstack.generate import generate
 from flatstack.model import ModelConfig, Transformer, preset
@@ -61,6 +63,27 @@ def test_eager_decode_equals_the_compiled_blocks():
     assert compiled.decode_path == "compiled" and eager.decode_path == "eager"
     for a, b in zip(eager.generate(PROMPTS, GREEDY), compiled.generate(PROMPTS, GREEDY), strict=True):
         assert a.token_ids == b.token_ids
+
+
+@pytest.mark.parametrize("name", ["softcap", "grok"])
+def test_the_gpu_runner_paths_equal_the_reference_on_the_cpu(name):
+    """The GPU runner's two paths, run on the CPU: decode steps from the CUDA graphs' static buffers
+    (eagerly, padded to a bucket, the padding writing into the scratch block), and the prompt chunks of
+    several sequences packed into one FlexAttention call. The MoE (float32: not graph-safe) takes the
+    packed prefill only."""
+    llm = engine(name, max_num_batched_tokens=32, max_num_seqs=5, enforce_eager=True)
+    llm.runner = runner = ModelRunner(llm.model, len(llm.blocks.blocks), llm.config.block_size, max_num_seqs=5,
+                                      gpu_paths=True)
+    assert runner.packed and (runner.graphed is None) == (name == "grok")
+    if runner.graphed is not None:
+        assert runner.graphed.sizes == [1, 2, 4, 5] and runner.decode_path == "eager"  # nothing captured here
+    outs = llm.generate(PROMPTS, GREEDY)
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        assert out.token_ids == reference(llm, prompt, 24), prompt
+
+
+def test_cuda_graph_buckets():
+    assert buckets(1) == [1] and buckets(8) == [1, 2, 4, 8] and buckets(30) == [1, 2, 4, 8, 16, 24, 30]
 
 
 def test_requests_are_served_while_the_graphs_compile():

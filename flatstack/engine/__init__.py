@@ -15,7 +15,7 @@ import importlib
 # its options from EngineConfig without loading the engine.
 EXPORTS = {"LLM": "llm", "check_text": "llm", "EngineConfig": "config", "EngineBusy": "loop", "EngineLoop": "loop",
            "Request": "loop", "RequestOutput": "output", "RequestError": "sampling", "SamplingParams": "sampling",
-           "TokenLogprob": "sampling", "sample": "sampling", "kv_bytes_per_token": "runner"}
+           "TokenLogprob": "sampling", "sample": "sampling", "sample_id": "sampling", "kv_bytes_per_token": "runner"}
 __all__ = list(EXPORTS)
 
 

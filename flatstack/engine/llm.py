@@ -55,7 +55,7 @@ class LLM:
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.quantize or "float",
-                                  compile_decode=not config.enforce_eager)
+                                  compile_decode=not config.enforce_eager, max_num_seqs=config.max_num_seqs)
         self.eos_ids = eos_ids(self.model, self.tokenizer)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_ids, self.scheduler)
         self.rng = random.Random(config.seed)
@@ -113,7 +113,7 @@ class LLM:
         seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
         request_id = request_id if request_id is not None else str(next(self.counter))
         # its own list: the prompt grows into the sequence's tokens, and choices of a request share the ids
-        return Sequence(request_id, list(ids), len(ids), params, torch.Generator().manual_seed(seed))
+        return Sequence(request_id, list(ids), len(ids), params, torch.Generator(self.runner.device).manual_seed(seed))
 
     def add_sequence(self, seq: Sequence) -> str:
         if seq.request_id in self.requests:
@@ -211,7 +211,7 @@ class LLM:
 
     @property
     def decode_path(self) -> str:
-        """What serves decode steps of few sequences now: "compiled", "compiling" (eager meanwhile) or "eager"."""
+        """What serves decode steps now: "cuda_graphs" (GPU), "compiled", "compiling" (eager meanwhile) or "eager"."""
         return self.runner.decode_path
 
     @property

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from tokenizers import Tokenizer
 
-from flatstack.engine.sampling import TokenLogprob, sample, token_logprob
+from flatstack.engine.sampling import NOT_FINITE, TokenLogprob, sample, token_logprob
 from flatstack.engine.scheduler import Scheduler
 from flatstack.engine.sequence import Sequence
 
@@ -37,12 +37,23 @@ class OutputProcessor:
 
     def process(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
         """A token for each sequence from its row of logits [len(seqs), V]; an output for each that has
-        one to give. A sequence whose sampling or stop handling fails ends alone, with an error output."""
-        outputs = []
-        best = logits.argmax(-1).tolist()  # greedy rows without penalties need nothing more
-        for seq, row, argmax in zip(seqs, logits, best, strict=True):
+        one to give. The tokens are picked on the logits' device and read back in one transfer. A sequence
+        whose sampling or stop handling fails ends alone, with an error output."""
+        best = logits.argmax(-1)  # greedy rows without penalties need nothing more
+        picks, failed = [], {}
+        for i, (seq, row) in enumerate(zip(seqs, logits, strict=True)):
             try:
-                self.append_token(seq, row, argmax)
+                picks.append(best[i] if seq.params.greedy and not seq.params.penalised else self.pick(seq, row))
+            except Exception as e:  # this request's own failure
+                picks.append(best[i])
+                failed[i] = e
+        tokens = torch.stack(picks).tolist() if picks else []
+        outputs = []
+        for i, (seq, row, token) in enumerate(zip(seqs, logits, tokens, strict=True)):
+            try:
+                if i in failed:
+                    raise failed[i]
+                self.append_token(seq, row, token)
                 out = self.output(seq)
             except Exception as e:  # this request's own failure
                 if not seq.finished:
@@ -52,13 +63,15 @@ class OutputProcessor:
                 outputs.append(out)
         return outputs
 
-    def append_token(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> None:
+    def pick(self, seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
         p = seq.params
-        if p.greedy and not p.penalised:
-            token = argmax
-        else:  # the history is sliced only when penalties read it
-            history = (seq.prompt_ids, seq.output_ids) if p.penalised else ([], [])
-            token = sample(logits, p, *history, seq.generator)
+        history = (seq.prompt_ids, seq.output_ids) if p.penalised else ([], [])  # sliced only when read
+        return sample(logits, p, *history, seq.generator)
+
+    def append_token(self, seq: Sequence, logits: torch.Tensor, token: int) -> None:
+        p = seq.params
+        if token < 0:
+            raise RuntimeError(NOT_FINITE)
         if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
             self.detokenize(seq, final=True)
             self.scheduler.finish(seq, "stop")  # the stop token itself is not emitted

@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatstack.allocator import keep_freed_memory
+from flatstack.engine.cuda_graphs import GraphedDecode
 from flatstack.engine.decode_graphs import DecodeGraphs
 from flatstack.engine.sequence import Sequence
+from flatstack.kernels import attention, moe
 from flatstack.kernels.linear import FEW_ROWS, LINEARS, decode_step
 from flatstack.kernels.paged_attention import decode_attention, gather_blocks
 from flatstack.model import Transformer
@@ -63,9 +65,12 @@ class KVPool:
 
 class PagedBatch:
     """One step's view of the pool, handed to the blocks as their cache: per-token positions and slots,
-    the decodes' block tables, the prompt chunks'."""
+    the decodes' block tables, the prompt chunks'. With `packed`, the prompt chunks attend together in one
+    FlexAttention call over their contexts gathered at once (kernels/attention.py: packed), instead of
+    one attention call per chunk."""
 
-    def __init__(self, model: Transformer, pool: KVPool, scheduled: list[tuple[Sequence, int]], device):
+    def __init__(self, model: Transformer, pool: KVPool, scheduled: list[tuple[Sequence, int]], device,
+                 packed: bool = False):
         cfg = model.cfg
         self.pool = pool
         self.scale, self.softcap, self.window = model.layers[0].attn.scale, cfg.attn_logit_softcap, cfg.sliding_window
@@ -82,30 +87,43 @@ class PagedBatch:
         self.positions = torch.cat(positions).to(device)
         self.new_slots = torch.cat(new_slots).to(device)
         # the leading one-token entries (the scheduler puts decodes first) attend together, as decodes
-        self.num_decodes = next((i for i, (_, n) in enumerate(scheduled) if n != 1), len(scheduled))
-        self.chunks = [(tables[i].to(device), lengths[i], n) for i, (_, n) in enumerate(scheduled)
-                       if i >= self.num_decodes]
-        if self.num_decodes:
-            dec = tables[: self.num_decodes]
-            longest = max(2, *(len(t) for t in dec))  # never one block wide: compiled code would specialise on 1
-            self.decode_tables = torch.stack([F.pad(t, (0, longest - len(t))) for t in dec]).to(device)
-            self.decode_lengths = torch.tensor(lengths[: self.num_decodes], device=device)
+        self.num_decodes = d = next((i for i, (_, n) in enumerate(scheduled) if n != 1), len(scheduled))
+        self.chunks = [(tables[i].to(device), lengths[i], n) for i, (_, n) in enumerate(scheduled) if i >= d]
+        self.packed = packed_chunks(positions[d:], tables[d:], bs, device) if packed and self.chunks else None
+        if d:
+            longest = max(2, *(len(t) for t in tables[:d]))  # never one block wide: compiled code would specialise on 1
+            self.decode_tables = torch.stack([F.pad(t, (0, longest - len(t))) for t in tables[:d]]).to(device)
+            self.decode_lengths = torch.tensor(lengths[:d], device=device)
 
     def attend(self, layer: int, q, k, v, start: int, attend):
         """q [1, H, N, D]; k, v [1, Hkv, N, D] for the step's N packed tokens -> attention out [1, H, N, D]."""
         self.pool.write(layer, self.new_slots, k[0], v[0])
-        outs, offset = [], 0
-        if self.num_decodes:
-            B = self.num_decodes
+        outs, B = [], self.num_decodes
+        if B:
             out = decode_attention(q[0, :, :B].transpose(0, 1), self.pool.k[layer], self.pool.v[layer],
                                    self.decode_tables, self.decode_lengths, self.scale, self.softcap, self.window)
             outs.append(out.transpose(0, 1).unsqueeze(0))
-            offset = B
+        if self.packed is not None:
+            blocks, q_seq, q_pos, k_seq, k_pos = self.packed
+            kc, vc = self.pool.gather(layer, blocks)
+            outs.append(attention.packed(q[:, :, B:], kc, vc, q_seq, q_pos, k_seq, k_pos, self.scale, self.softcap,
+                                         self.window))
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        offset = B
         for table, length, n in self.chunks:
             kc, vc = self.pool.gather(layer, table)
             outs.append(attend(q[:, :, offset : offset + n], kc[:, :, :length], vc[:, :, :length]))
             offset += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def packed_chunks(positions: list[torch.Tensor], tables: list[torch.Tensor], block_size: int, device):
+    """What `attention.packed` needs for the prompt chunks: their blocks, gathered as one context, and
+    each query's and each context slot's sequence (its index among the chunks) and position."""
+    q_seq = torch.cat([torch.full((len(p),), i) for i, p in enumerate(positions)])
+    k_seq = torch.cat([torch.full((len(t) * block_size,), i) for i, t in enumerate(tables)])
+    k_pos = torch.cat([torch.arange(len(t) * block_size) for t in tables])
+    return tuple(t.to(device) for t in (torch.cat(tables), q_seq, torch.cat(positions), k_seq, k_pos))
 
 
 def swap_linears(model: Transformer, kind: str) -> nn.Module:
@@ -120,25 +138,43 @@ def swap_linears(model: Transformer, kind: str) -> nn.Module:
     return make(model.head_weight.data)
 
 
+def graph_safe(model: Transformer) -> bool:
+    """Whether a decode step can be captured: no host sync inside (an MoE's experts grouped, kernels/moe.py)."""
+    if not model.cfg.is_moe:
+        return True
+    ffn = model.layers[0].ffn
+    return moe.grouped_ok(torch.empty(0, model.cfg.d_model, dtype=ffn.w_gate.dtype), ffn.w_gate)
+
+
 class ModelRunner:
+    """`gpu_paths` (default: on a GPU): decode steps as CUDA graphs (cuda_graphs.py; run eagerly from their
+    static buffers elsewhere) and prompt chunks packed into one attention call."""
+
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, weights: str = "float",
-                 compile_decode: bool = True):
+                 compile_decode: bool = True, max_num_seqs: int = 64, gpu_paths: bool | None = None):
         cpu = model.tok_embeddings.weight.device.type == "cpu"
+        gpu_paths = not cpu if gpu_paths is None else gpu_paths
         if cpu:
             keep_freed_memory()  # a step's gathered keys and values would be fresh mmaps, page-faulted each step
         self.head = swap_linears(model, weights) if cpu or weights != "float" else None
         self.model = model
         weight = model.tok_embeddings.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.pool = KVPool(model, num_blocks, block_size, self.dtype, self.device)
+        # on the GPU paths, one block more: the scratch the graphs' padding rows write into
+        self.pool = KVPool(model, num_blocks + gpu_paths, block_size, self.dtype, self.device)
+        self.packed = gpu_paths
+        self.graphed = GraphedDecode(model, self.pool, self.head, max_num_seqs, num_blocks * block_size,
+                                     capture=not cpu) if gpu_paths and compile_decode and graph_safe(model) else None
         # MoE blocks route on data (a host sync per layer), which a compiled graph would break at
-        self.graphs = DecodeGraphs(model, self.pool.k, self.pool.v) if compile_decode and cpu and not model.cfg.is_moe \
-            else None
-
+        self.graphs = DecodeGraphs(model, self.pool.k, self.pool.v) \
+            if compile_decode and cpu and not gpu_paths and not model.cfg.is_moe else None
         self.compiling = None  # the thread compiling the graphs, once started
 
     def start_compiling(self) -> None:
-        """Compile the decode graphs on a thread of their own (once); decode steps run eagerly meanwhile."""
+        """Compile the CPU's decode graphs on a thread of their own (once; decode steps run eagerly
+        meanwhile), or capture the GPU's CUDA graphs (here: seconds, and no other work may run meanwhile)."""
+        if self.graphed is not None:
+            self.graphed.capture_all()
         if self.graphs is not None and self.compiling is None:
             self.compiling = self.graphs.warm_in_background()
 
@@ -151,7 +187,9 @@ class ModelRunner:
 
     @property
     def decode_path(self) -> str:
-        """What serves decode steps of few sequences now: "compiled", "compiling" (eager meanwhile) or "eager"."""
+        """What serves decode steps now: "cuda_graphs" (GPU), "compiled", "compiling" (eager meanwhile) or "eager"."""
+        if self.graphed is not None and self.graphed.graphs:
+            return "cuda_graphs"
         if self.graphs is None or self.graphs.error is not None:
             return "eager"
         return "compiled" if self.graphs.ready.is_set() else "compiling"
@@ -163,8 +201,11 @@ class ModelRunner:
         model = self.model
         self.start_compiling()
         tokens = [t for seq, n in scheduled for t in seq.token_ids[seq.num_computed : seq.num_computed + n]]
-        batch = PagedBatch(model, self.pool, scheduled, self.device)
+        batch = PagedBatch(model, self.pool, scheduled, self.device, self.packed)
         decoding = batch.num_decodes == len(scheduled)
+        if decoding and self.graphed is not None and len(scheduled) <= self.graphed.max_seqs:
+            return self.graphed.run(tokens, batch.positions, batch.new_slots, batch.decode_tables,
+                                    batch.decode_lengths).float()
         compiled = decoding and len(scheduled) <= FEW_ROWS and self.decode_path == "compiled"
         x = model.embed(torch.tensor([tokens], device=self.device))
         cos, sin = model.rope(batch.positions, x.dtype)

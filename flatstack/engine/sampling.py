@@ -153,16 +153,31 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int],
-           generator: torch.Generator) -> int:
-    """One token id from logits [V] (float32) of one sequence."""
+           generator: torch.Generator) -> torch.Tensor:
+    """One token id from logits [V] (float32) of one sequence, as a 0-dim tensor on the logits' device
+    (the engine reads every sequence's at once: one host transfer a step), or -1 where the logits are not
+    finite numbers. `generator` (the request's own) lives on the logits' device."""
     if params.penalised:
         logits = apply_penalties(logits.clone(), params, prompt, output)
     if params.greedy:
-        return int(logits.argmax())
+        return logits.argmax()
     probs = filter_logits(logits, params).softmax(-1)
-    if not bool(torch.isfinite(probs).all()):  # only logits that are NaN themselves get here
-        raise RuntimeError("the model's logits are not finite numbers; cannot sample")
-    return int(torch.multinomial(probs.to(generator.device), 1, generator=generator))  # the request's own RNG
+    finite = torch.isfinite(probs).all()  # only logits that are NaN themselves fail it
+    # checked without a host sync; multinomial over NaN on a GPU is a device-side assert that ends the process
+    probs = torch.where(finite, probs, torch.ones_like(probs))
+    return torch.where(finite, torch.multinomial(probs, 1, generator=generator)[0], -1)
+
+
+NOT_FINITE = "the model's logits are not finite numbers; cannot sample"
+
+
+def sample_id(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int],
+              generator: torch.Generator) -> int:
+    """`sample` read at once, for callers that take one token at a time."""
+    token = int(sample(logits, params, prompt, output, generator))
+    if token < 0:
+        raise RuntimeError(NOT_FINITE)
+    return token
 
 
 def token_logprob(logits: torch.Tensor, token: int, top_n: int) -> TokenLogprob:

@@ -6,6 +6,9 @@ step's form).
 sliding-window) mask as a block mask with the queries' offset into the keys (chunked prefill), GQA
 without repeating keys, and never the [T, S] matrix, which at Grok-1's 8,192-token context is 12.9 GB
 a layer in float32. Compiled once per shape; on GPUs it has a backward, on the CPU a forward only.
+`packed` is FlexAttention over the prompt chunks of several sequences packed in one row (the engine's
+prefill): each query sees the keys of its own sequence up to its own position, given as per-token
+sequence ids and positions, so no Python loop over the sequences runs.
 
 Queries attend causally to keys at or before their own position, within an optional sliding window,
 with optional tanh soft-capping of the logits (Grok's). The queries sharing a KV head go together as
@@ -48,6 +51,9 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s
 def compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
+    # one graph per shape (dynamic shapes fail to lower with a mask over per-token tensors): training's
+    # one length, and the packed prefill's power-of-two buckets (a few query by several context sizes)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(flex_attention)
 
 
@@ -84,3 +90,36 @@ def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, softca
     return compiled_flex()(q, k, v, score_mod=None if softcap is None else softcap_score(softcap),
                            block_mask=causal_block_mask(T, S, window, str(q.device)), scale=scale,
                            enable_gqa=q.shape[1] != k.shape[1])
+
+
+def bucket(n: int, least: int) -> int:
+    """The power of two >= n (and >= least): packed shapes padded to a few sizes, compiled once each."""
+    return max(least, 1 << (n - 1).bit_length())
+
+
+def packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_seq: torch.Tensor, q_pos: torch.Tensor,
+           k_seq: torch.Tensor, k_pos: torch.Tensor, scale: float, softcap: float | None = None,
+           window: int | None = None) -> torch.Tensor:
+    """q [1, H, T, D]: T query tokens of several sequences, token i of sequence q_seq[i] at position
+    q_pos[i]; k, v [1, Hkv, S, D] with k_seq, k_pos likewise -> [1, H, T, D]. Query i sees key j when they
+    belong to one sequence and k_pos[j] <= q_pos[i] (within the window). T and S are padded to powers of
+    two with ids no token has, so the compiled kernel sees a few shapes, not one per step."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    T, S = q.shape[2], k.shape[2]
+    Tp, Sp = bucket(T, 128), bucket(S, 128)
+    pad = torch.nn.functional.pad
+    q, k, v = pad(q, (0, 0, 0, Tp - T)), pad(k, (0, 0, 0, Sp - S)), pad(v, (0, 0, 0, Sp - S))
+    q_seq, q_pos = pad(q_seq, (0, Tp - T), value=-1), pad(q_pos, (0, Tp - T))
+    k_seq, k_pos = pad(k_seq, (0, Sp - S), value=-2), pad(k_pos, (0, Sp - S))
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        visible = (q_seq[q_idx] == k_seq[kv_idx]) & (k_pos[kv_idx] <= q_pos[q_idx])
+        if window is not None:
+            visible = visible & (k_pos[kv_idx] > q_pos[q_idx] - window)
+        return visible
+
+    block_mask = create_block_mask(mask_mod, None, None, Tp, Sp, device=str(q.device))
+    out = compiled_flex()(q, k, v, score_mod=None if softcap is None else softcap_score(softcap),
+                          block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out[:, :, :T]

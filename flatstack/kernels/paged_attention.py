@@ -8,7 +8,8 @@ once per layer and never repeated per query head. The reference gathers each seq
 calls attention's one reference (kernels/attention.py).
 
 `decode_attention` picks the C kernel (paged_attention.c, through kernels/native.py) for float32 CPU
-pools: it reads each context where it lies, with no gathered copy.
+pools: it reads each context where it lies, with no gathered copy. For CUDA tensors it picks the Triton
+kernel (paged_decode_triton.py), which does the same on the GPU, splitting long contexts across programs.
 
 `decode_attention_before_write` is the form a compiled decode step takes: the new token's key and value
 are not in the pool yet (they are written once, for every layer, after the step), so the compiled
@@ -77,7 +78,12 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, scale: floa
 
 def decode_attention(q, k_pool, v_pool, block_tables, lengths, scale: float, softcap: float | None = None,
                      window: int | None = None) -> torch.Tensor:
-    """`paged_decode_attention`, in C where it can run: float32 pools on the CPU, the kernels built."""
+    """`paged_decode_attention`, in C where it can run: float32 pools on the CPU, the kernels built; in
+    Triton for CUDA tensors."""
+    if q.is_cuda:
+        from flatstack.kernels.paged_decode_triton import paged_decode
+
+        return paged_decode(q, k_pool, v_pool, block_tables, lengths, scale, softcap, window)
     if q.device.type == "cpu" and q.dtype == k_pool.dtype == torch.float32 and native.library() is not None:
         return native.paged_decode(q, k_pool, v_pool, block_tables, lengths, scale, softcap, window)
     return paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, scale, softcap, window)
