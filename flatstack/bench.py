@@ -1,195 +1,49 @@
 """Benchmarks. Each prints JSON with the ceiling of the machine it ran on (measured in the same run), a
 baseline measured in the same run, and the ratio.
 
-`flatstack bench train`: training tokens/s, MFU and peak memory of flatstack's training step beside a
-plain eager PyTorch loop over the same model, for a dense model and a Grok-style MoE.
-
 `flatstack bench decode MODEL`: batch-1 decode tokens/s against the memory-bandwidth roofline (bytes
 each token reads over the measured read bandwidth), beside Hugging Face transformers' `generate`.
 
 `flatstack bench throughput MODEL`: an offline batch of requests with random prompt and output lengths
 (ignore EOS), total output tokens/s and MFU, beside transformers' batched `generate` on the same requests.
 
-`flatstack bench serve`: bench_serve.py.
+`flatstack bench train`: bench_train.py; `flatstack bench serve`: bench_serve.py; `flatstack bench kernels`:
+bench_kernels.py.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from flatstack.allocator import keep_freed_memory
 from flatstack.ceilings import matmul_flops, memory_bandwidth, sync
 from flatstack.checkpoint import detect_format
-from flatstack.losses import RouterLogits
-from flatstack.model import ModelConfig, Transformer, model_stats
-from flatstack.optim import build_optimizers
-from flatstack.train import TrainConfig, optimizer_step
-
-# GPT-2 small's size (12 layers, 768 wide, 124M parameters, context 256) in the Llama-style block, and a
-# Grok-style MoE with about as many active parameters per token.
-DENSE = ModelConfig(vocab_size=50257, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, head_dim=64,
-                    ffn_dim=2048, max_seq_len=256, tied_embeddings=True)
-MOE = replace(DENSE, n_kv_heads=4, ffn_dim=1024, n_experts=8, experts_per_token=2, renormalize_topk=False,
-              activation="gelu_tanh", norm_layout="sandwich", attn_logit_softcap=30.0)
-TINY = replace(DENSE, vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, ffn_dim=128)
-TINY_MOE = replace(MOE, vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=64)
-
-
-def peak_rss_reset() -> None:
-    """Linux: reset the process's peak resident memory so the next reading covers what follows only."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def reset_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        peak_rss_reset()
-
-
-def time_steps(step_fn, device: torch.device, warmup: int, steps: int) -> list[float]:
-    for _ in range(warmup):
-        step_fn()
-    sync(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step_fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def baseline_step(model: Transformer, x, y, device: torch.device):
-    """The plain eager loop a PyTorch user writes first: forward, mean cross-entropy, backward, AdamW."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, foreach=False, fused=False)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def step():
-        with autocast:
-            logits = model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
-def flatstack_step(model: Transformer, x, y, device: torch.device, compile: bool):
-    cfg = TrainConfig(lr=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0, compile=compile)
-    optimizers = build_optimizers(model, cfg, device)
-    forward = torch.compile(model.hidden) if compile else model.hidden
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
-    router_logits = RouterLogits(model)
-    return lambda: optimizer_step(model, forward, router_logits, optimizers, [(x, y, None)], cfg, 0, autocast)
-
-
-def measure_side(name: str, side: str, small: bool, batch: int, warmup: int, steps: int, compile: bool,
-                 device: str) -> dict:
-    """Median seconds per training step of one model on one side, in this process (run it in a fresh
-    one: the flatstack side tunes the process's allocator, which the baseline must not inherit)."""
-    dev = torch.device(device)
-    cfg = {"dense": TINY if small else DENSE, "moe": TINY_MOE if small else MOE}[name]
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.max_seq_len + 1), generator=gen).to(dev)
-    x, y = tokens[:, :-1], tokens[:, 1:]
-    if side == "flatstack":
-        keep_freed_memory()
-    with torch.device(dev):
-        model = Transformer(cfg)
-    model.init_weights(seed=0).train()
-    reset_memory(dev)
-    fn = baseline_step(model, x, y, dev) if side == "baseline" else flatstack_step(model, x, y, dev, compile)
-    seconds = statistics.median(time_steps(fn, dev, warmup, steps))
-    return {"seconds_per_step": seconds, "peak_memory_bytes": peak_memory(dev)}
-
-
-def bench_train(small: bool = False, batch: int = 8, warmup: int = 2, steps: int = 3, compile: bool = True,
-                device: str | None = None) -> dict:
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    peak = matmul_flops(dev, dtype)
-    results = []
-    for name, cfg in (("dense", TINY if small else DENSE), ("moe", TINY_MOE if small else MOE)):
-        flops_per_token = 3 * model_stats(cfg, cfg.max_seq_len).flops_per_token
-        tokens = batch * cfg.max_seq_len
-        row = {"model": name, "params": model_stats(cfg).total_params, "tokens_per_step": tokens,
-               "seq_len": cfg.max_seq_len}
-        for side in ("baseline", "flatstack"):
-            args = json.dumps([name, side, small, batch, warmup, steps, compile, device])
-            code = "import json, sys; from flatstack.bench import measure_side; " \
-                   "print(json.dumps(measure_side(*json.loads(sys.argv[1]))))"
-            out = subprocess.run([sys.executable, "-c", code, args], check=True, capture_output=True, text=True)
-            m = json.loads(out.stdout.strip().splitlines()[-1])
-            tps = tokens / m["seconds_per_step"]
-            row[side] = {"tokens_per_s": tps, "mfu": tps * flops_per_token / peak, **m}
-        row["speedup"] = row["flatstack"]["tokens_per_s"] / row["baseline"]["tokens_per_s"]
-        results.append(row)
-    return {
-        "benchmark": "train",
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "ceiling": {"matmul_flops": peak, "dtype": str(dtype).removeprefix("torch.")},
-        "baseline": "plain eager loop: forward to logits, F.cross_entropy, backward, torch.optim.AdamW (for-loop)",
-        "flatstack": "optimizer_step: fused LM-head cross-entropy, fused AdamW, grad clipping, allocator that "
-                     f"keeps freed memory{', torch.compile' if compile else ''}",
-        "results": results,
-    }
-
-
-def print_train_report(report: dict) -> None:
-    ceiling = report["ceiling"]
-    print(f"# {report['device']}: matmul peak {ceiling['matmul_flops'] / 1e9:.1f} GFLOP/s ({ceiling['dtype']})")
-    for r in report["results"]:
-        b, f = r["baseline"], r["flatstack"]
-        print(f"# {r['model']:5s} {r['params'] / 1e6:.1f}M params: baseline {b['tokens_per_s']:.0f} tok/s "
-              f"(MFU {b['mfu']:.1%}, {b['peak_memory_bytes'] / 2**20:.0f} MiB), flatstack {f['tokens_per_s']:.0f} "
-              f"tok/s (MFU {f['mfu']:.1%}, {f['peak_memory_bytes'] / 2**20:.0f} MiB): x{r['speedup']:.2f}")
-    print(json.dumps(report, indent=1))
-
-
-# ---------------------------------------------------------------------------------------------
-# inference
+from flatstack.model import Transformer
 
 
 def device_name(dev: torch.device) -> str:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
 
-def hf_reference(path: str, dtype: torch.dtype):
+CPU = torch.device("cpu")
+
+
+def hf_reference(path: str, dtype: torch.dtype, device: torch.device = CPU):
     """The same model in Hugging Face transformers: a .gguf file (dequantised by transformers) or an HF
     folder. A native flatstack checkpoint has no transformers twin, so the baseline needs one of those."""
     import transformers
 
     p, kind = Path(path), detect_format(path)
     if kind == "gguf":
-        return transformers.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype)
+        return hf.to(device).eval()
     if kind == "hf":
-        return transformers.AutoModelForCausalLM.from_pretrained(p, dtype=dtype).eval()
+        return transformers.AutoModelForCausalLM.from_pretrained(p, dtype=dtype).to(device).eval()
     raise ValueError(f"{path}: the transformers baseline needs a .gguf file or a Hugging Face folder")
 
 
@@ -243,20 +97,31 @@ def llama_cpp_decode(gguf: str, prompt: list[int], max_tokens: int) -> tuple[flo
     return tokens_per_s, first
 
 
-def transformers_decode(model_path: str, prompt: list[int], max_tokens: int) -> tuple[float, float]:
-    """Greedy decode tokens/s and time to first token of transformers' `generate` on the same model, float32,
-    after a warm-up; the first token is timed on its own and taken out of the decode rate."""
-    hf = hf_reference(model_path, torch.float32)
-    ids = torch.tensor([prompt])
+def transformers_decode(model_path: str, prompt: list[int], max_tokens: int,
+                        device: torch.device = CPU) -> tuple[float, float]:
+    """Greedy decode tokens/s and time to first token of transformers' `generate` on the same model (float32
+    on the CPU, bf16 on a GPU), after a warm-up; the first token is timed on its own and taken out of the
+    decode rate."""
+    hf = hf_reference(model_path, float_dtype(device), device)
+    ids = torch.tensor([prompt], device=device)
     mask = torch.ones_like(ids)
+
+    def timed(**kw) -> float:
+        t0 = time.perf_counter()
+        hf.generate(ids, attention_mask=mask, do_sample=False, **kw)
+        sync(device)
+        return time.perf_counter() - t0
+
     with torch.no_grad():
         hf.generate(ids[:, :16], attention_mask=mask[:, :16], max_new_tokens=8, do_sample=False)  # warm-up
-        t0 = time.perf_counter()
-        hf.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False)
-        first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        hf.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
-    return (max_tokens - 1) / (time.perf_counter() - t0 - first), first
+        first = timed(max_new_tokens=1)
+        total = timed(max_new_tokens=max_tokens, min_new_tokens=max_tokens)
+    return (max_tokens - 1) / (total - first), first
+
+
+def float_dtype(device: torch.device) -> torch.dtype:
+    """What the benchmarks run in: float32 on the CPU, bf16 on a GPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def llama_cpp_report(model_path: str, prompt: list[int], max_tokens: int, repeats: int, measured,
@@ -273,14 +138,16 @@ def llama_cpp_report(model_path: str, prompt: list[int], max_tokens: int, repeat
 
 
 def bench_decode(model_path: str, prompt_tokens: int = 128, max_tokens: int = 128, quantize: str | None = None,
-                 baseline: bool = True, repeats: int = 3, llama_cpp: bool = False) -> dict:
+                 baseline: bool = True, repeats: int = 3, llama_cpp: bool = False, device: str | None = None) -> dict:
     """Batch-1 decode after warm-up, `repeats` times. The read bandwidth is measured right before and right
     after each run and the higher of the two is that run's ceiling: on a shared machine the bandwidth
     moves by more than half from minute to minute, and a ceiling measured at another moment than the run
     would make its fraction mean nothing. The summary is the run with the median fraction; all are listed."""
     from flatstack.engine import LLM, SamplingParams
 
-    llm = LLM(model_path, quantize=quantize, kv_cache_memory=256 << 20)
+    dev = torch.device(device or "cpu")
+    llm = LLM(model_path, quantize=quantize, kv_cache_memory=256 << 20, device=str(dev),
+              dtype="bfloat16" if dev.type == "cuda" else None)  # the CPU: as stored
     model = llm.model
     prompt = random_prompt(model.cfg.vocab_size, prompt_tokens, 0)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -290,9 +157,9 @@ def bench_decode(model_path: str, prompt_tokens: int = 128, max_tokens: int = 12
     warm_up_s = time.perf_counter() - t0
 
     def measured(decode) -> dict:
-        before = memory_bandwidth("cpu")
+        before = memory_bandwidth(dev)
         tokens_per_s, first = decode()
-        bandwidth = max(before, memory_bandwidth("cpu"))
+        bandwidth = max(before, memory_bandwidth(dev))
         return {"decode_tokens_per_s": tokens_per_s, "fraction_of_roofline": tokens_per_s * per_token / bandwidth,
                 "memory_read_bandwidth_bytes_per_s": bandwidth, "time_to_first_token_s": first}
 
@@ -306,7 +173,7 @@ def bench_decode(model_path: str, prompt_tokens: int = 128, max_tokens: int = 12
     bandwidth = median["memory_read_bandwidth_bytes_per_s"]
     report = {
         "benchmark": "decode",
-        "device": device_name(torch.device("cpu")),
+        "device": device_name(dev),
         "model": model_path,
         "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
         "weights": quantize or "float",
@@ -322,10 +189,11 @@ def bench_decode(model_path: str, prompt_tokens: int = 128, max_tokens: int = 12
                       "runs": runs},
     }
     if baseline:
-        run = measured(lambda: transformers_decode(model_path, prompt, max_tokens))
+        run = measured(lambda: transformers_decode(model_path, prompt, max_tokens, dev))
         import transformers
 
-        report["baseline"] = {"name": f"transformers {transformers.__version__} generate, float32", **run}
+        name = f"transformers {transformers.__version__} generate, {str(float_dtype(dev)).removeprefix('torch.')}"
+        report["baseline"] = {"name": name, **run}
         report["ratio"] = report["flatstack"]["decode_tokens_per_s"] / run["decode_tokens_per_s"]
     if llama_cpp:  # llama.cpp on the same file, as it stores it
         report.update(llama_cpp_report(model_path, prompt, max_tokens, repeats, measured, report))
@@ -345,18 +213,23 @@ def throughput_requests(vocab_size: int, num: int, prompt_range: tuple[int, int]
 
 def bench_throughput(model_path: str, num_requests: int = 32, prompt_range: tuple[int, int] = (64, 256),
                      output_range: tuple[int, int] = (32, 128), quantize: str | None = None, baseline: bool = True,
-                     baseline_batch: int = 8, seed: int = 0) -> dict:
+                     baseline_batch: int = 8, seed: int = 0, device: str | None = None) -> dict:
     from flatstack.engine import LLM, SamplingParams
     from flatstack.model import model_stats
 
-    peak = matmul_flops("cpu", torch.float32)
-    llm = LLM(model_path, quantize=quantize, kv_cache_memory=2 << 30)
+    dev = torch.device(device or "cpu")
+    dtype = float_dtype(dev)
+    peak = matmul_flops(dev, dtype)
+    gpu = dev.type == "cuda"
+    llm = LLM(model_path, quantize=quantize, kv_cache_memory=(16 if gpu else 2) << 30, device=str(dev),
+              dtype="bfloat16" if gpu else None, max_num_seqs=max(64, num_requests) if gpu else 64)
     cfg = llm.model.cfg
     requests = throughput_requests(cfg.vocab_size, num_requests, prompt_range, output_range, seed)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in requests]
     llm.warm_up(wait=True)
     t0 = time.perf_counter()
     outs = llm.generate([p for p, _ in requests], params)
+    sync(dev)
     ours_s = time.perf_counter() - t0
     output_tokens = sum(len(o.token_ids) for o in outs)
     prompt_tokens = sum(len(p) for p, _ in requests)
@@ -364,32 +237,34 @@ def bench_throughput(model_path: str, num_requests: int = 32, prompt_range: tupl
     flops = 2 * stats.active_params * (prompt_tokens + output_tokens)
     report = {
         "benchmark": "throughput",
-        "device": device_name(torch.device("cpu")),
+        "device": device_name(dev),
         "model": model_path,
         "weights": quantize or "float",
         "requests": num_requests, "prompt_range": list(prompt_range), "output_range": list(output_range),
         "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
-        "ceiling": {"matmul_flops": peak, "dtype": "float32"},
+        "ceiling": {"matmul_flops": peak, "dtype": str(dtype).removeprefix("torch.")},
         "flatstack": {"seconds": ours_s, "output_tokens_per_s": output_tokens / ours_s,
                       "mfu": flops / ours_s / peak, "preemptions": llm.scheduler.num_preemptions},
     }
     if baseline:
         import transformers
 
-        hf = hf_reference(model_path, torch.float32)
+        hf = hf_reference(model_path, dtype, dev)
         t0 = time.perf_counter()
         for i in range(0, len(requests), baseline_batch):
             batch = requests[i : i + baseline_batch]
             width = max(len(p) for p, _ in batch)
-            ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in batch])  # left-padded
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
+            ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in batch], device=dev)  # left-padded
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch], device=dev)
             longest = max(m for _, m in batch)
             with torch.no_grad():
                 hf.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
                             do_sample=False, pad_token_id=0)
+        sync(dev)
         theirs_s = time.perf_counter() - t0
         report["baseline"] = {
-            "name": f"transformers {transformers.__version__} generate, float32, static batches of {baseline_batch} "
+            "name": f"transformers {transformers.__version__} generate, {report['ceiling']['dtype']}, "
+                    f"static batches of {baseline_batch} "
                     "(left-padded; each batch runs to its longest output)",
             "seconds": theirs_s, "output_tokens_per_s": output_tokens / theirs_s, "mfu": flops / theirs_s / peak}
         report["ratio"] = theirs_s / ours_s

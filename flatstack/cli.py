@@ -181,7 +181,8 @@ def add_bench_command(sub) -> None:
     s.add_argument("--warmup", type=int, default=2, help="train: untimed steps first (default 2)")
     s.add_argument("--steps", type=int, default=3, help="train: timed steps; the median is reported (default 3)")
     s.add_argument("--no-compile", action="store_true", help="train: flatstack without torch.compile")
-    s.add_argument("--device", help="train, kernels: cpu or cuda (default: cuda if available)")
+    s.add_argument("--device", help="cpu or cuda (default: train, kernels: cuda if available; decode, "
+                   "throughput: cpu); on cuda in bf16")
     s.add_argument("--model", help="decode, throughput: a .gguf file, a Hugging Face folder or a checkpoint")
     s.add_argument("--quantize", choices=QUANTIZE, help="decode, throughput, serve --startup: weight-only "
                    "quantisation")

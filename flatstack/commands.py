@@ -319,9 +319,11 @@ def cmd_bench(args) -> None:
         report = bench_kernels(args.device, args.small)
         print(json.dumps(report, indent=1))
     elif args.what == "train":
-        report = bench.bench_train(small=args.small, batch=args.batch, warmup=args.warmup, steps=args.steps,
-                                   compile=not args.no_compile, device=args.device)
-        bench.print_train_report(report)
+        from flatstack import bench_train
+
+        report = bench_train.bench_train(small=args.small, batch=args.batch, warmup=args.warmup,
+                                         steps=args.steps, compile=not args.no_compile, device=args.device)
+        bench_train.print_train_report(report)
     else:
         if not args.model:
             raise CommandError(f"bench {args.what} needs --model (a .gguf file or a Hugging Face folder for the "
@@ -337,11 +339,11 @@ def cmd_bench(args) -> None:
                 if importlib.util.find_spec("llama_cpp") is None:
                     raise CommandError("--llama-cpp needs llama-cpp-python: pip install llama-cpp-python")
             report = bench.bench_decode(args.model, args.prompt_tokens, args.max_tokens, args.quantize,
-                                        not args.no_baseline, args.repeats, args.llama_cpp)
+                                        not args.no_baseline, args.repeats, args.llama_cpp, args.device)
         else:
             report = bench.bench_throughput(args.model, args.num_requests, tuple(args.prompt_range),
                                             tuple(args.output_range), args.quantize, not args.no_baseline,
-                                            args.baseline_batch)
+                                            args.baseline_batch, device=args.device)
         print(json.dumps(report, indent=1))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=1) + "\n")

@@ -57,3 +57,9 @@ def apply_activation_checkpointing(model: Transformer) -> None:
         checkpoint(block)
 
 
+def compile_blocks(model: Transformer) -> None:
+    """Each block compiled on its own, as torchtitan does: the blocks' weights are the graph's inputs, so
+    one graph serves every block, compile time does not grow with depth, and the embedding, the final norm
+    and the fused loss around them stay as they are. Applied after activation checkpointing."""
+    for block in model.layers:
+        block.compile()

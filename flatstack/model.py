@@ -306,9 +306,13 @@ class MoE(nn.Module):
         weights, experts = probs.topk(cfg.experts_per_token, dim=-1)
         if cfg.renormalize_topk:
             weights = weights / weights.sum(-1, keepdim=True)
+        w = (self.w_gate, self.w_up, self.w_down)
+        if torch.is_autocast_enabled(x.device.type):  # autocast does not reach the expert products: cast as it would
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w = x.to(dtype), tuple(t.to(dtype) for t in w)
         weights = weights.to(x.dtype)
-        run = moe.grouped if moe.grouped_ok(x, self.w_gate) else moe.reference
-        return run(x, experts, weights, self.w_gate, self.w_up, self.w_down, self.act).view(shape)
+        run = moe.grouped if moe.grouped_ok(x, w[0]) else moe.reference
+        return run(x, experts, weights, *w, self.act).view(shape)
 
 
 class Block(nn.Module):

@@ -29,7 +29,7 @@ from flatstack.ceilings import matmul_flops
 from flatstack.checkpoint import load, save
 from flatstack.data import DataError, TokenData
 from flatstack.generate import encode_prompt, generate
-from flatstack.losses import RouterLogits, apply_activation_checkpointing, moe_losses, token_loss_sum
+from flatstack.losses import RouterLogits, apply_activation_checkpointing, compile_blocks, moe_losses, token_loss_sum
 from flatstack.model import PRESETS, Transformer, model_stats, preset
 from flatstack.optim import build_optimizers, lr_multiplier
 from flatstack.tokenizer import load_tokenizer
@@ -70,8 +70,9 @@ class Run:
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         self.router_logits = RouterLogits(self.model)
-        # the model up to its final norm; the LM head is fused with the loss
-        self.forward = torch.compile(self.model.hidden) if cfg.compile else self.model.hidden
+        if cfg.compile:
+            compile_blocks(self.model)
+        self.forward = self.model.hidden  # the model up to its final norm; the LM head is fused with the loss
         self.optimizers = build_optimizers(self.model, cfg, self.device)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))

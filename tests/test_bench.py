@@ -2,7 +2,7 @@
 
 import pytest
 
-from flatstack.bench import bench_train
+from flatstack.bench_train import bench_train
 
 
 def test_bench_train_reports_ceiling_baseline_and_ratio():
@@ -69,12 +69,30 @@ def test_bench_decode_names_bad_options(hf_llama, capsys):
 
 
 def test_bench_kernels_reports_ceilings_baselines_and_ratios():
+    import math
+
     from flatstack.bench_kernels import bench_kernels
 
     report = bench_kernels("cpu", small=True)
     assert set(report["ceiling"]) == {"matmul_flops_float32", "matmul_flops_bfloat16",
-                                      "memory_read_bandwidth_bytes_per_s"}
-    assert [op["op"].split(",")[0] for op in report["ops"]] == ["attention", "MoE experts"]
+                                      "memory_read_bandwidth_bytes_per_s", "copy_bandwidth_bytes_per_s"}
+    assert all(math.isfinite(v) and v > 0 for v in report["ceiling"].values())
+    ops = {op["op"].split(",")[0]: op for op in report["ops"]}
+    assert list(ops) == ["attention", "attention forward+backward", "paged decode attention", "MoE experts",
+                         "RMSNorm", "fused linear + cross-entropy"]
     for op in report["ops"]:
-        assert op["seconds"] > 0 and op["baseline_seconds"] > 0 and op["baseline"]
-        assert op["speedup_over_baseline"] == op["baseline_seconds"] / op["seconds"]
+        assert op["baseline"] and math.isfinite(op["baseline_seconds"]) and op["baseline_seconds"] > 0
+        fractions = [v for k, v in op.items() if "fraction_of" in k and v is not None]
+        assert fractions and all(math.isfinite(v) and v > 0 for v in fractions)
+        if op["seconds"] is None:  # a side that cannot run here says why, and carries no number
+            assert op["unavailable"] and op["speedup_over_baseline"] is None
+        else:
+            assert math.isfinite(op["seconds"]) and op["seconds"] > 0 and "unavailable" not in op
+            assert op["speedup_over_baseline"] == op["baseline_seconds"] / op["seconds"]
+    # the CPU's FlexAttention has no backward: the eager reference and SDPA are measured, flex is not
+    backward = ops["attention forward+backward"]
+    assert backward["seconds"] is None and "backward" in backward["unavailable"]
+    assert backward["sdpa_without_cap_seconds"] > 0 and backward["flops"] == 3.5 * ops["attention"]["flops"]
+    assert ops["paged decode attention"]["bytes_read"] > 0 and ops["paged decode attention"]["path"]
+    assert ops["RMSNorm"]["bytes_moved"] > 0
+    assert "peak_memory_bytes" not in ops["fused linear + cross-entropy"]  # no honest per-call peak on the CPU

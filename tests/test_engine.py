@@ -82,6 +82,19 @@ def test_the_gpu_runner_paths_equal_the_reference_on_the_cpu(name):
         assert out.token_ids == reference(llm, prompt, 24), prompt
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["softcap", "grok"])
+def test_the_engine_on_a_gpu_equals_the_reference(name):
+    """On a GPU, float32: decode steps replayed from captured CUDA graphs through the Triton paged decode
+    kernel, prompt chunks packed; the contiguous-cache reference's tokens on the same card."""
+    model = Transformer(CONFIGS[name]).init_weights(seed=1, std=0.2).eval().cuda()
+    llm = LLM(model, TOK, max_num_batched_tokens=32, max_num_seqs=5)
+    llm.warm_up(wait=True)
+    assert llm.decode_path == ("eager" if name == "grok" else "cuda_graphs")
+    for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, GREEDY), strict=True):
+        assert out.token_ids == reference(llm, prompt, 24), prompt
+
+
 def test_cuda_graph_buckets():
     assert buckets(1) == [1] and buckets(8) == [1, 2, 4, 8] and buckets(30) == [1, 2, 4, 8, 16, 24, 30]
 

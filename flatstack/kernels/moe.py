@@ -24,6 +24,7 @@ def sort_by_expert(experts: torch.Tensor, weights: torch.Tensor, n_experts: int)
     return order // experts.shape[1], weights.flatten()[order], counts.cumsum(0, dtype=torch.int32)
 
 
+@torch.compiler.disable  # a host sync per expert: compiled, each run's length would make graphs of its own
 def reference(x, experts, weights, w_gate, w_up, w_down, act: Callable) -> torch.Tensor:
     """x [N, D]; experts, weights [N, k]; w_gate, w_up [E, F, D]; w_down [E, D, F] -> [N, D]."""
     token_of, weight_of, ends = sort_by_expert(experts, weights, w_gate.shape[0])
