@@ -238,3 +238,50 @@ def test_flex_attention_equals_the_reference(H, Hkv, D, T, S, softcap, window):
     with torch.no_grad():
         got = attention.flex(q, k, v, D**-0.5, softcap, window)
     torch.testing.assert_close(got, attention.reference(q, k, v, D**-0.5, softcap, window), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("softcap, window", [(None, None), (30.0, None), (None, 5), (30.0, 9)])
+def test_packed_prompt_chunks_equal_the_reference_per_sequence(softcap, window):
+    """Chunks of three sequences in one row (the engine's packed prefill): each chunk's queries sit at the
+    end of their own context, whose slots are padded to whole blocks of 16; the result is the reference run
+    on each sequence alone."""
+    from flatstack.kernels import attention
+
+    H, Hkv, D, bs = 6, 2, 64, 16
+    gen = torch.Generator().manual_seed(0)
+    chunks = [(0, 7), (20, 13), (33, 1)]  # (positions cached before, new tokens)
+    q = torch.randn(1, H, sum(n for _, n in chunks), D, generator=gen)
+    contexts = [torch.randn(2, 1, Hkv, -(-(c + n) // bs) * bs, D, generator=gen) for c, n in chunks]
+    k, v = (torch.cat([ctx[i] for ctx in contexts], dim=2) for i in (0, 1))
+    q_seq = torch.cat([torch.full((n,), i) for i, (_, n) in enumerate(chunks)])
+    q_pos = torch.cat([torch.arange(c, c + n) for c, n in chunks])
+    k_seq = torch.cat([torch.full((ctx.shape[3],), i) for i, ctx in enumerate(contexts)])
+    k_pos = torch.cat([torch.arange(ctx.shape[3]) for ctx in contexts])
+    with torch.no_grad():
+        got = attention.packed(q, k, v, q_seq, q_pos, k_seq, k_pos, D**-0.5, softcap, window)
+    offset = 0
+    for (c, n), ctx in zip(chunks, contexts, strict=True):
+        want = attention.reference(q[:, :, offset : offset + n], ctx[0][:, :, : c + n], ctx[1][:, :, : c + n],
+                                   D**-0.5, softcap, window)
+        torch.testing.assert_close(got[:, :, offset : offset + n], want, rtol=1e-5, atol=1e-5)
+        offset += n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_flex_attention_forward_and_backward_on_a_gpu():
+    """Training's attention on a GPU: FlexAttention with the soft cap and a window, bf16, values and
+    gradients against the reference computed in float32."""
+    from flatstack.kernels import attention
+
+    H, Hkv, D, T = 48, 8, 128, 1000
+    gen = torch.Generator("cuda").manual_seed(0)
+    inputs = [torch.randn(1, h, T, D, device="cuda", generator=gen) for h in (H, Hkv, Hkv)]
+    grad = torch.randn(1, H, T, D, device="cuda", generator=gen)
+    results = []
+    for fn, dtype in ((attention.flex, torch.bfloat16), (attention.reference, torch.float32)):
+        q, k, v = (t.to(dtype).requires_grad_() for t in inputs)
+        out = fn(q, k, v, D**-0.5, 30.0, 256)
+        out.backward(grad.to(dtype))
+        results.append([t.float() for t in (out, q.grad, k.grad, v.grad)])
+    for got, want in zip(*results, strict=True):
+        assert (got - want).norm() / want.norm() < 2e-2
