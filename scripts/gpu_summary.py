@@ -23,11 +23,15 @@ def goal(value: float | None, bar: float) -> str:
 def kernels(report: dict) -> None:
     print(f"kernels on {report['device']}:")
     for op in report["ops"]:
-        line = f"  {op['op']}: {op['seconds'] * 1e3:.3f} ms, x{op['speedup_over_baseline']:.2f} over the baseline"
-        if "ratio_to_sdpa_without_cap" in op:
-            line += f", {op['ratio_to_sdpa_without_cap']:.2f} of SDPA without a cap"
+        if op["seconds"] is None:
+            print(f"  {op['op']}: unavailable ({op.get('unavailable', 'no reason given')})")
+            continue
+        line = f"  {op['op']}: {op['seconds'] * 1e3:.3f} ms, x{op['speedup_over_baseline']:.2f} over {op['baseline']}"
+        ratio = op.get("ratio_to_sdpa_without_cap")
+        if ratio is not None:
+            line += f", {ratio:.2f} of SDPA without a cap"
             if "backward" in op["op"]:
-                line += f" ({goal(op['ratio_to_sdpa_without_cap'], 0.8)})"
+                line += f" ({goal(ratio, 0.8)})"
         print(line)
 
 
