@@ -106,7 +106,7 @@ def add_checkpoint_commands(sub) -> None:
     s.add_argument("src", help="a Hugging Face folder, a .gguf file (llama architecture), or a Grok-1 "
                    ".npz/.safetensors of xAI-named arrays")
     s.add_argument("dst", help="the native checkpoint folder to write")
-    s.add_argument("--from", dest="source", required=True, choices=("hf", "gguf", "xai-grok1"))
+    s.add_argument("--from", dest="source", required=True, choices=("hf", "gguf", "xai-grok1", "dcp"))
     s.add_argument("--config", help="config JSON (xai-grok1 only; default: the grok-1 preset)")
     s.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: keep)")
     s.set_defaults(func=cmd_convert)
@@ -139,6 +139,9 @@ def add_training_commands(sub) -> None:
     s.add_argument("--init-from", help="a checkpoint to fine-tune or continue (native or Hugging Face)")
     s.add_argument("--config", help="a TOML file of settings ([model_overrides] table for model fields)")
     s.add_argument("--resume", action="store_true", help="continue RUN_DIR from its last checkpoint")
+    s.add_argument("--nproc", type=int, default=1,
+                   help="train on N ranks of this machine: starts torchrun (FSDP2 data parallel; --batch-size is "
+                   "the global batch). On several machines, run torchrun yourself: docs/reference.md")
     s.set_defaults(func=cmd_train)
 
 

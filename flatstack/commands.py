@@ -7,6 +7,7 @@ Each command imports what it needs when it runs, so `flatstack prepare` never lo
 from __future__ import annotations
 
 import json
+import os
 import sys
 import typing
 from dataclasses import fields
@@ -168,9 +169,23 @@ def read_toml(path: str) -> tuple[dict, dict]:
     return {k.replace("-", "_"): v for k, v in raw.items()}, {k.replace("-", "_"): v for k, v in model.items()}
 
 
+def start_torchrun(nproc: int) -> None:
+    """Become `torchrun --nproc-per-node N -m flatstack train ...` (the same arguments, less --nproc)."""
+    argv, args = [], iter(sys.argv[1:])
+    for a in args:
+        if a == "--nproc":
+            next(args, None)
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                              "--standalone", "-m", "flatstack", *argv])
+
+
 def cmd_train(args, extra: list[str]) -> None:
     from flatstack.train import TrainConfig, TrainingError, train
 
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        start_torchrun(args.nproc)
     base: dict = {}
     if args.resume:
         saved = Path(args.out or "") / "config.json"
@@ -193,6 +208,8 @@ def cmd_train(args, extra: list[str]) -> None:
         result = train(TrainConfig(**merged), resume=args.resume)
     except TrainingError as e:
         raise CommandError(str(e)) from None
+    if os.environ.get("RANK", "0") != "0":
+        return  # rank 0 reports the run
     if result.get("val_loss") is not None:
         print(f"validation loss {result['val_loss']:.4f}, bits per byte {result['val_bpb']:.4f}")
     print(f"checkpoint: {result['checkpoint']}")

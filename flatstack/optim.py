@@ -29,11 +29,30 @@ def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return (x.mT if tall else x).to(g.dtype)
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP2) tensor gathered whole: orthogonalisation needs each matrix entire."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like(p: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """`update`, whole on every rank, as `p` is laid out: a sharded parameter takes its own slice (no
+    communication)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(p, DTensor):
+        return update
+    replicated = DTensor.from_local(update, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
+    return replicated.redistribute(p.device_mesh, p.placements)
+
+
 class Muon(torch.optim.Optimizer):
     """Momentum, then orthogonalise the update of each matrix (stacked experts: each expert).
 
     Matrices of one shape are orthogonalised together as one batch: a model's many small matrices
-    would otherwise cost hundreds of tiny matmuls per step."""
+    would otherwise cost hundreds of tiny matmuls per step. Under FSDP2 every rank gathers each update
+    whole, orthogonalises all of them (the same work on each rank) and keeps its own slice."""
 
     def __init__(self, params, lr: float, momentum: float = 0.95, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
@@ -48,7 +67,7 @@ class Muon(torch.optim.Optimizer):
                     continue
                 buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
                 buf.lerp_(p.grad, 1 - mu)
-                mats = p.grad.lerp(buf, mu).reshape(-1, *p.shape[-2:])  # Nesterov
+                mats = whole(p.grad.lerp(buf, mu)).reshape(-1, *p.shape[-2:])  # Nesterov
                 tall = p.shape[-2] > p.shape[-1]
                 mats = mats.mT if tall else mats  # all wide, so same-size matrices batch together
                 by_shape.setdefault(tuple(mats.shape[-2:]), []).append((p, mats, tall))
@@ -58,7 +77,7 @@ class Muon(torch.optim.Optimizer):
                 for p, mats, tall in entries:
                     update = ortho[start : start + len(mats)]
                     start += len(mats)
-                    update = (update.mT if tall else update).reshape(p.shape)
+                    update = like(p, (update.mT if tall else update).reshape(p.shape))
                     scale = max(1.0, p.shape[-2] / p.shape[-1]) ** 0.5
                     p.mul_(1 - lr * wd).add_(update, alpha=-lr * scale)
 

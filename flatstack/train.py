@@ -22,16 +22,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from flatstack.allocator import keep_freed_memory
 from flatstack.ceilings import matmul_flops
 from flatstack.checkpoint import load, save
+from flatstack.checkpoint.dcp import is_dcp
 from flatstack.data import DataError, TokenData
 from flatstack.generate import encode_prompt, generate
 from flatstack.losses import RouterLogits, apply_activation_checkpointing, compile_blocks, moe_losses, token_loss_sum
 from flatstack.model import PRESETS, Transformer, model_stats, preset
-from flatstack.optim import build_optimizers, lr_multiplier
+from flatstack.optim import build_optimizers, lr_multiplier, whole
+from flatstack.parallel.dcp import load_sharded, save_sharded
+from flatstack.parallel.fsdp import shard
+from flatstack.parallel.world import all_sum, barrier, rank_device, setup
+from flatstack.plot import plot_losses
 from flatstack.tokenizer import load_tokenizer
 from flatstack.train_config import TrainConfig, TrainingError, validate
 
@@ -45,8 +51,11 @@ class Run:
     def __init__(self, cfg: TrainConfig):
         validate(cfg)
         self.cfg = cfg
-        self.device = torch.device(cfg.device if cfg.device != "auto" else
-                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.world = setup(device, cfg.dist_timeout)  # several ranks under torchrun; one process: nothing to join
+        self.device = rank_device(device, self.world)
+        if cfg.batch_size % self.world.size:
+            raise DataError(f"--batch-size {cfg.batch_size} does not split over {self.world.size} ranks")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.train_data = TokenData(cfg.data, "train")
@@ -72,6 +81,8 @@ class Run:
         self.router_logits = RouterLogits(self.model)
         if cfg.compile:
             compile_blocks(self.model)
+        if self.world.size > 1:
+            shard(self.model)
         self.forward = self.model.hidden  # the model up to its final norm; the LM head is fused with the loss
         self.optimizers = build_optimizers(self.model, cfg, self.device)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
@@ -114,16 +125,22 @@ class Run:
     def save_checkpoint(self) -> Path:
         state = {
             "step": self.step,
-            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            # sharded runs keep the optimizer state in their shards
+            "optimizers": [opt.state_dict() for opt in self.optimizers] if self.world.size == 1 else None,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "history": self.history,
             "config": asdict(self.cfg),
         }
-        path = save(self.model, self.ckpt_dir / f"step_{self.step:07d}", tokenizer_dir=self.cfg.data,
-                    train_state=state)
-        for old in self.checkpoints()[: -self.cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        path = self.ckpt_dir / f"step_{self.step:07d}"
+        if self.world.size > 1:
+            save_sharded(self.model, self.optimizers, path, state, Path(self.cfg.data), self.world)
+        else:
+            save(self.model, path, tokenizer_dir=self.cfg.data, train_state=state)
+        if self.world.main:
+            for old in self.checkpoints()[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
         return path
 
     def resume(self) -> None:
@@ -132,10 +149,14 @@ class Run:
             raise DataError(f"--resume: no checkpoint in {self.ckpt_dir}")
         path = ckpts[-1]
         state = torch.load(path / "train_state.pt", weights_only=False)
-        loaded = load(path, dtype=torch.float32, device=self.device)
-        self.model.load_state_dict(loaded.state_dict())
-        for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(s)
+        if is_dcp(path):  # written by any number of ranks; read by this one
+            load_sharded(self.model, self.optimizers, path)
+        elif self.world.size > 1:
+            raise DataError(f"{path} was written by one process; resume it with one, or convert it")
+        else:
+            self.model.load_state_dict(load(path, dtype=torch.float32, device=self.device).state_dict())
+            for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
+                opt.load_state_dict(s)
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
@@ -145,22 +166,32 @@ class Run:
         self.history = state["history"]
         # Steps logged after this checkpoint will be run again: drop them so each step appears once.
         metrics = self.out / "metrics.jsonl"
-        if metrics.exists():
+        if metrics.exists() and self.world.main:
             kept = [line for line in metrics.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= self.step]
             tmp = metrics.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, metrics)
-        print(f"resumed from {path} at step {self.step}")
+        if self.world.main:
+            print(f"resumed from {path} at step {self.step}")
 
     # -- steps -----------------------------------------------------------------------------------
+
+    def stopping(self) -> bool:
+        """A signal asked to stop, on any rank: all stop at the same step (or the rest would wait for it)."""
+        if self.world.size > 1:
+            flag = all_sum(torch.tensor([float(self.stop_requested)], device=self.device))
+            self.stop_requested = bool(flag.item())
+        return self.stop_requested
 
     def batches(self, step: int):
         """The micro-batches of one step: a function of (seed, step) only, so resuming replays them."""
         cfg = self.cfg
+        per_rank = cfg.batch_size // self.world.size
+        rows = slice(self.world.rank * per_rank, (self.world.rank + 1) * per_rank)  # this rank's slice of it
         for micro in range(cfg.grad_accum):
             rng = np.random.default_rng([cfg.seed, step, micro])
-            x, y, mask = self.train_data.sample(cfg.batch_size, cfg.seq_len, rng)
+            x, y, mask = (a if a is None else a[rows] for a in self.train_data.sample(cfg.batch_size, cfg.seq_len, rng))
             yield (torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device),
                    None if mask is None else torch.from_numpy(mask).to(self.device, torch.float32))
 
@@ -232,32 +263,35 @@ def optimizer_step(model: Transformer, forward, router_logits: RouterLogits, opt
                    cfg: TrainConfig, step: int, autocast) -> dict:
     """One optimizer step over its micro-batches: the loss is the mean over every counted target of the
     step, so accumulating 4 x 2 sequences equals a batch of 8. Returns the step's metrics."""
-    counted = sum(y.numel() if m is None else m.sum() for _, y, m in batches)
-    if isinstance(counted, torch.Tensor):
-        counted = counted.clamp(min=1)
+    device = batches[0][0].device
+    # every rank's loss is its share of the whole step's mean: the count is over every rank's targets
+    counted = all_sum(sum(torch.tensor(float(y.numel()), device=device) if m is None else m.sum()
+                          for _, y, m in batches)).clamp(min=1)
     mult = lr_multiplier(cfg, step)
     for opt in optimizers:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * mult
-    device = batches[0][0].device
     loss_sum, aux_sum, z_sum = (torch.zeros((), device=device) for _ in range(3))
     accum = len(batches)
+    ranks = dist.get_world_size() if dist.is_initialized() else 1
     for x, y, mask in batches:
         # the mean over the whole step's counted targets, folded into per-target weights
-        weights = (torch.ones_like(y, dtype=torch.float32) if mask is None else mask) / counted
+        # (times the ranks: FSDP averages the ranks' gradients, and the step's gradient is their sum)
+        weights = (torch.ones_like(y, dtype=torch.float32) if mask is None else mask) * (ranks / counted)
         router_logits.take()  # drop what forwards outside this step added (evaluation, samples, recomputation)
         with autocast:
             lm = token_loss_sum(model, forward(x), y, weights)
         balance, z = moe_losses(router_logits.take())
         loss = lm + (cfg.moe_aux_coef * balance + cfg.moe_z_coef * z) / accum
         loss.backward()
-        loss_sum += lm.detach()
+        loss_sum += lm.detach() / ranks
         aux_sum += balance.detach() / accum
         z_sum += z.detach() / accum
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-    # one device-to-host copy per step for everything logged (and the NaN check)
-    loss_value, norm_value, aux_value, z_value = torch.stack(
-        [loss_sum, norm if norm is not None else loss_sum, aux_sum, z_sum]).tolist()
+    norm = whole(norm) if norm is not None else loss_sum  # the norm over every rank's shards
+    # summed over the ranks (the MoE losses averaged), then one device-to-host copy for all that is logged
+    logged = all_sum(torch.stack([loss_sum, aux_sum / ranks, z_sum / ranks]))
+    loss_value, aux_value, z_value, norm_value = torch.cat([logged, norm.reshape(1)]).tolist()
     if not math.isfinite(loss_value):
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
@@ -266,7 +300,7 @@ def optimizer_step(model: Transformer, forward, router_logits: RouterLogits, opt
         opt.step()
         opt.zero_grad(set_to_none=True)
     record = {"step": step + 1, "loss": loss_value, "lr": cfg.lr * mult}
-    if norm is not None:
+    if cfg.grad_clip > 0:
         record["grad_norm"] = norm_value
     if model.cfg.is_moe:
         record["moe_aux_loss"] = aux_value
@@ -279,29 +313,18 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def plot_losses(history: dict, path: Path) -> None:
-    """Train and validation loss against step, written to a temporary file and renamed over the old one."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if history["train"]:
-        steps, losses = zip(*history["train"], strict=True)
-        ax.plot(steps, losses, label="train", linewidth=0.8, alpha=0.8)
-    if history["val"]:
-        steps, losses = zip(*history["val"], strict=True)
-        ax.plot(steps, losses, "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+def evaluate_and_report(run: Run, bar, metrics: Path, plot: Path) -> dict:
+    """Every rank evaluates and samples (each forward needs every rank's shards); rank 0 writes and prints."""
+    result = run.evaluate()
+    run.history["val"].append((run.step, result["val_loss"]))
+    samples = run.samples() if run.cfg.samples else []
+    if run.world.main:
+        append_jsonl(metrics, result)
+        plot_losses(run.history, plot)
+        bar.write(f"step {run.step}: val_loss {result['val_loss']:.4f}, val_bpb {result['val_bpb']:.4f}")
+        for text in samples:
+            bar.write(f"--- sample ---\n{text}\n--------------")
+    return result
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -312,15 +335,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         run.resume()
     elif run.checkpoints():
         raise DataError(f"{run.out} already holds checkpoints; pass --resume to continue it, or another --out")
-    run.out.mkdir(parents=True, exist_ok=True)
-    (run.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+    main = run.world.main  # every rank trains, evaluates and samples (the shards need them all); rank 0 writes
+    if main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+    barrier()
     metrics, plot = run.out / "metrics.jsonl", run.out / "loss.png"
 
     peak = matmul_flops(run.device, torch.bfloat16 if run.device.type == "cuda" else torch.float32)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     stats = model_stats(run.model.cfg, cfg.seq_len)
-    print(f"model: {stats.total_params / 1e6:.2f}M parameters ({stats.active_params / 1e6:.2f}M active), "
-          f"{tokens_per_step} tokens/step, matmul peak {peak / 1e9:.1f} GFLOP/s on {run.device}")
+    if main:
+        print(f"model: {stats.total_params / 1e6:.2f}M parameters ({stats.active_params / 1e6:.2f}M active), "
+              f"{tokens_per_step} tokens/step, matmul peak {peak / 1e9:.1f} GFLOP/s on {run.device}"
+              + (f", {run.world.size} ranks" if run.world.size > 1 else ""))
 
     def on_signal(signum, frame):
         run.stop_requested = True
@@ -328,29 +356,24 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     last_eval: dict = {}
-    bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", disable=not cfg.progress, file=sys.stdout)
+    bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", disable=not (cfg.progress and main),
+               file=sys.stdout)
     try:
-        while run.step < cfg.max_steps and not run.stop_requested:
+        while run.step < cfg.max_steps and not run.stopping():
             t0 = time.perf_counter()
             record = run.train_step()
             dt = time.perf_counter() - t0
             record["tokens_per_s"] = tokens_per_step / dt
             record["mfu"] = record["tokens_per_s"] * run.flops_per_token / peak
-            append_jsonl(metrics, record)
+            if main:
+                append_jsonl(metrics, record)
             run.history["train"].append((run.step, record["loss"]))
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                             tok_s=f"{record['tokens_per_s']:.0f}", mfu=f"{record['mfu']:.1%}")
             done = run.step == cfg.max_steps
             if done or (cfg.eval_every and run.step % cfg.eval_every == 0):
-                last_eval = run.evaluate()
-                append_jsonl(metrics, last_eval)
-                run.history["val"].append((run.step, last_eval["val_loss"]))
-                plot_losses(run.history, plot)
-                bar.write(f"step {run.step}: val_loss {last_eval['val_loss']:.4f}, "
-                          f"val_bpb {last_eval['val_bpb']:.4f}")
-                for text in run.samples() if cfg.samples else []:
-                    bar.write(f"--- sample ---\n{text}\n--------------")
+                last_eval = evaluate_and_report(run, bar, metrics, plot)
             if done or (cfg.ckpt_every and run.step % cfg.ckpt_every == 0):
                 run.save_checkpoint()
         if run.stop_requested:

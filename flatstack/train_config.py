@@ -51,6 +51,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     device: str = "auto"  # auto: cuda if available, else cpu
     threads: int | None = None
+    dist_timeout: float = 600.0  # seconds a collective waits for the other ranks before the job fails
     progress: bool = True
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from flatstack.checkpoint.dcp import is_dcp, read_dcp
 from flatstack.checkpoint.gguf import gguf_tokenizer_files, open_gguf, read_gguf
 from flatstack.checkpoint.grok1 import grok1_config, grok1_tensors_to_native, read_grok1_arrays
 from flatstack.checkpoint.hf import config_from_hf, hf_tensors_to_native
@@ -27,13 +28,16 @@ from flatstack.model import ModelConfig, Transformer
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """"gguf" (a .gguf file), "native" (a folder whose config.json carries the format marker) or "hf"."""
+    """"gguf" (a .gguf file), "dcp" (a sharded training checkpoint), "native" (a folder whose config.json
+    carries the format marker) or "hf"."""
     p = existing_path(path)
     if p.suffix == ".gguf" and p.is_file():
         return "gguf"
     if not p.is_dir():
         raise CheckpointError(f"{p} is not a checkpoint folder (expected config.json and safetensors) "
                               "nor a .gguf file")
+    if is_dcp(p):
+        return "dcp"
     return "native" if FORMAT_KEY in read_json(p / "config.json") else "hf"
 
 
@@ -43,7 +47,7 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     if kind == "gguf":
         return open_gguf(Path(path))[2]
     raw = read_json(Path(path) / "config.json")
-    return native_config(raw, Path(path)) if kind == "native" else config_from_hf(raw)
+    return native_config(raw, Path(path)) if kind in ("native", "dcp") else config_from_hf(raw)
 
 
 def load(
@@ -60,6 +64,8 @@ def load(
         cfg, tensors, _ = read_gguf(folder)
     elif kind == "native":
         cfg, tensors = native_config(read_json(folder / "config.json"), folder), read_safetensors(folder)
+    elif kind == "dcp":
+        cfg, tensors = read_dcp(folder)
     else:
         cfg = config_from_hf(read_json(folder / "config.json"))
         tensors = hf_tensors_to_native(read_safetensors(folder), cfg)
@@ -78,7 +84,7 @@ def tokenizer_files(path: str | os.PathLike) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 # convert
 
-CONVERTERS = ("hf", "gguf", "xai-grok1")
+CONVERTERS = ("hf", "gguf", "xai-grok1", "dcp")
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, source: str, config: str | None = None,
@@ -96,6 +102,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, source: str, config:
             for name, text in tokenizer_files.items():
                 Path(tok_dir, name).write_text(text, encoding="utf-8")
             return save(build_model(cfg, tensors, dtype), dst, tokenizer_dir=tok_dir)
+    if source == "dcp":
+        if not is_dcp(src_path):
+            raise CheckpointError(f"{src_path} is not a sharded (DCP) checkpoint: no .metadata file")
+        return save(build_model(*read_dcp(src_path), dtype), dst, tokenizer_dir=src_path)
     if source == "xai-grok1":
         cfg = grok1_config(config)
         model = build_model(cfg, grok1_tensors_to_native(read_grok1_arrays(src_path)), dtype)

@@ -1,0 +1,110 @@
+"""Training on 2 ranks (torchrun, gloo, the CPU): FSDP2 gives one process's losses on the same global
+batch; a sharded checkpoint resumes on 1 rank and on 2 with the same next losses, and exports to a native
+checkpoint with the same logits; a rank that raises ends the job with its own error."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHARED
+
+import flatstack
+from flatstack.checkpoint import convert
+from flatstack.data import PrepareConfig, prepare
+
+TEXT = (SHARED / "data" / "tinyshakespeare.txt").read_text()[:60_000]
+# the MoE losses off: they are means over each rank's own tokens, so with them the ranks' gradients are not
+# one process's; AdamW and Muon both run (Muon on the blocks' matrices)
+COMMON = ["--seq-len", "32", "--batch-size", "4", "--warmup-steps", "2", "--eval-tokens", "512", "--samples", "0",
+          "--progress", "false", "--threads", "1", "--moe-aux-coef", "0", "--moe-z-coef", "0", "--dist-timeout", "60"]
+MODELS = {"dense": ["--model", "grok-1-tiny", "--n-experts", "0", "--ffn-dim", "128"],
+          "moe": ["--model", "grok-1-tiny", "--optimizer", "muon"]}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    (root / "in.txt").write_text(TEXT)
+    prepare(PrepareConfig(inputs=[str(root / "in.txt")], out=str(root / "d"), tokenizer="char", progress=False))
+    return root / "d"
+
+
+def train(data: Path, out: Path, nproc: int, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "flatstack", "train", "--data", str(data), "--out", str(out), "--nproc", str(nproc),
+           *COMMON, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def losses(out: Path) -> list[float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_two_ranks_give_one_process_losses(data_dir, tmp_path, model):
+    runs = {}
+    for nproc in (1, 2):
+        done = train(data_dir, tmp_path / str(nproc), nproc, "--max-steps", "4", "--ckpt-every", "0", *MODELS[model])
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[nproc] = losses(tmp_path / str(nproc))
+    assert len(runs[1]) == 4
+    assert runs[2] == pytest.approx(runs[1], rel=1e-5)
+    assert (tmp_path / "2" / "metrics.jsonl").read_text().count('"loss"') == 4  # rank 0 alone writes
+
+
+def test_a_sharded_checkpoint_resumes_on_one_or_two_ranks_and_exports(data_dir, tmp_path):
+    args = ["--ckpt-every", "2", *MODELS["dense"]]
+    whole = train(data_dir, tmp_path / "whole", 1, "--max-steps", "4", *args)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = train(data_dir, tmp_path / "a", 2, "--max-steps", "2", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    step2 = tmp_path / "a" / "checkpoints" / "step_0000002"
+    assert (step2 / ".metadata").exists() and len(list(step2.glob("*.distcp"))) == 2
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for run, nproc in (("a", 1), ("b", 2)):
+        done = train(data_dir, tmp_path / run, nproc, "--max-steps", "4", "--resume", *args)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert losses(tmp_path / run) == pytest.approx(losses(tmp_path / "whole"), rel=1e-5), run
+    # the sharded checkpoint, exported, is the one process's native checkpoint of the same step
+    native = tmp_path / "native"
+    convert(step2, native, "dcp")
+    reference = flatstack.load(tmp_path / "whole" / "checkpoints" / "step_0000002")
+    tokens = torch.randint(0, reference.cfg.vocab_size, (2, 16))
+    want = reference(tokens)
+    for path in (native, step2):  # flatstack.load reads the sharded folder too
+        torch.testing.assert_close(flatstack.load(path)(tokens), want, rtol=1e-5, atol=1e-5)
+
+
+FAIL_ON_RANK_1 = """
+import os, sys
+import flatstack.train as t
+real = t.optimizer_step
+def failing(*args, **kw):
+    if os.environ["RANK"] == "1" and args[6] == 1:
+        raise RuntimeError("rank 1 broke at step 2")
+    return real(*args, **kw)
+t.optimizer_step = failing
+from flatstack.cli import run
+sys.argv = ["flatstack", *sys.argv[1:]]
+run()
+"""
+
+
+def test_a_rank_that_raises_ends_the_job_with_its_error(data_dir, tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text(FAIL_ON_RANK_1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", str(script),
+           "train", "--data", str(data_dir), "--out", str(tmp_path / "run"), "--max-steps", "5", *COMMON,
+           *MODELS["dense"]]
+    started = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "rank 1 broke at step 2" in done.stderr + done.stdout
+    assert time.monotonic() - started < 120  # not the 60 s timeout of each collective, over and over
