@@ -141,7 +141,7 @@ def add_training_commands(sub) -> None:
     s.add_argument("--resume", action="store_true", help="continue RUN_DIR from its last checkpoint")
     s.add_argument("--nproc", type=int, default=1,
                    help="train on N ranks of this machine: starts torchrun (FSDP2 data parallel; --batch-size is "
-                   "the global batch). On several machines, run torchrun yourself: docs/reference.md")
+                   "the global batch). On several machines, run torchrun yourself: docs/distributed.md")
     s.set_defaults(func=cmd_train)
 
 
