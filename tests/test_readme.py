@@ -182,7 +182,10 @@ def documented_options() -> set[str]:
 
 
 def test_the_docs_name_only_options_that_exist():
-    known = documented_options() | {"--index-url", "--key"}  # pip's, in the install notes; train's --key value
+    from torch.distributed.run import get_args_parser
+
+    torchrun = {s for a in get_args_parser()._actions for s in a.option_strings}  # in distributed.md
+    known = documented_options() | torchrun | {"--index-url", "--key"}  # pip's (install notes); train's --key
     for doc in [README, *sorted((ROOT / "docs").glob("*.md"))]:
         text = doc.read_text(encoding="utf-8")
         named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
