@@ -36,7 +36,7 @@ from flatstack.model import PRESETS, Transformer, model_stats, preset
 from flatstack.optim import build_optimizers, lr_multiplier, whole
 from flatstack.parallel.dcp import load_sharded, save_sharded
 from flatstack.parallel.fsdp import shard
-from flatstack.parallel.world import all_sum, barrier, rank_device, setup
+from flatstack.parallel.world import all_sum, barrier, launched, rank_device, setup
 from flatstack.plot import plot_losses
 from flatstack.tokenizer import load_tokenizer
 from flatstack.train_config import TrainConfig, TrainingError, validate
@@ -52,7 +52,8 @@ class Run:
         validate(cfg)
         self.cfg = cfg
         device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.world = setup(device, cfg.dist_timeout)  # several ranks under torchrun; one process: nothing to join
+        self.world = setup(device, cfg.dist_timeout)  # ranks started by torchrun; one process: nothing to join
+        self.sharded = launched()  # under torchrun, even as one rank, the model is sharded over the ranks
         self.device = rank_device(device, self.world)
         if cfg.batch_size % self.world.size:
             raise DataError(f"--batch-size {cfg.batch_size} does not split over {self.world.size} ranks")
@@ -81,7 +82,7 @@ class Run:
         self.router_logits = RouterLogits(self.model)
         if cfg.compile:
             compile_blocks(self.model)
-        if self.world.size > 1:
+        if self.sharded:
             shard(self.model)
         self.forward = self.model.hidden  # the model up to its final norm; the LM head is fused with the loss
         self.optimizers = build_optimizers(self.model, cfg, self.device)
@@ -126,14 +127,14 @@ class Run:
         state = {
             "step": self.step,
             # sharded runs keep the optimizer state in their shards
-            "optimizers": [opt.state_dict() for opt in self.optimizers] if self.world.size == 1 else None,
+            "optimizers": [opt.state_dict() for opt in self.optimizers] if not self.sharded else None,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "history": self.history,
             "config": asdict(self.cfg),
         }
         path = self.ckpt_dir / f"step_{self.step:07d}"
-        if self.world.size > 1:
+        if self.sharded:
             save_sharded(self.model, self.optimizers, path, state, Path(self.cfg.data), self.world)
         else:
             save(self.model, path, tokenizer_dir=self.cfg.data, train_state=state)
@@ -151,8 +152,8 @@ class Run:
         state = torch.load(path / "train_state.pt", weights_only=False)
         if is_dcp(path):  # written by any number of ranks; read by this one
             load_sharded(self.model, self.optimizers, path)
-        elif self.world.size > 1:
-            raise DataError(f"{path} was written by one process; resume it with one, or convert it")
+        elif self.sharded:
+            raise DataError(f"{path} was written by one process without torchrun; resume it the same way")
         else:
             self.model.load_state_dict(load(path, dtype=torch.float32, device=self.device).state_dict())
             for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
@@ -179,7 +180,7 @@ class Run:
 
     def stopping(self) -> bool:
         """A signal asked to stop, on any rank: all stop at the same step (or the rest would wait for it)."""
-        if self.world.size > 1:
+        if self.sharded:
             flag = all_sum(torch.tensor([float(self.stop_requested)], device=self.device))
             self.stop_requested = bool(flag.item())
         return self.stop_requested

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # flatstack on an NVIDIA Hopper GPU (H100, H200) in one call: the GPU tests, `bench kernels`, bf16
-# training of a ~1B dense Llama-style model and a ~1.9B Grok-architecture MoE, decode (batch 1) and
-# throughput (64 requests) of a random-initialised llama-3.2-1b beside transformers on the same card.
+# training of a ~1B dense Llama-style model and a ~1.9B Grok-architecture MoE, one FSDP2 rank under
+# torchrun (NCCL), decode (batch 1) and throughput (64 requests) of a random-initialised llama-3.2-1b
+# beside transformers on the same card.
 # Needs torch and triton already installed (as on the device machine's image); installs nothing and
 # reaches no network. JSON and logs go to $OUT (default ./gpu-check); a summary goes to stdout last.
 #
@@ -57,6 +58,17 @@ step tests 240 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_triton_kerne
     "tests/test_engine.py::test_the_engine_on_a_gpu_equals_the_reference"
 step kernels 150 "${FS[@]}" bench kernels --device "$DEVICE" "${KERNELS[@]}" --json-out "$OUT/kernels.json"
 step train 300 "${FS[@]}" bench train --device "$DEVICE" "${TRAIN[@]}" --json-out "$OUT/train.json"
+STDLIB=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+fsdp_step() {  # one rank under torchrun: FSDP2 over NCCL (gloo on a CPU), sharded checkpoint at the end
+    rm -rf "$OUT/fsdp-data" "$OUT/fsdp-run"
+    "$PY" -m flatstack.cli prepare "$STDLIB/email" --include '*.py' --tokenizer byte --out "$OUT/fsdp-data" --quiet &&
+    "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m flatstack train --data "$OUT/fsdp-data" \
+        --out "$OUT/fsdp-run" --device "$DEVICE" --model grok-1-tiny --seq-len 256 --batch-size 16 \
+        --max-steps 20 --eval-tokens 4096 --samples 0 --progress false
+}
+export -f fsdp_step
+export PY OUT DEVICE STDLIB
+step fsdp 120 bash -c fsdp_step
 step model 120 "$PY" scripts/random_llama.py "$OUT/llama-3.2-1b" $([ "$SMALL" = 1 ] && echo --small)
 step decode 180 "${FS[@]}" bench decode --device "$DEVICE" --model "$OUT/llama-3.2-1b" "${DECODE[@]}" \
     --json-out "$OUT/decode.json"

@@ -59,6 +59,17 @@ def throughput(report: dict) -> None:
           + (f"; x{report['ratio']:.2f} transformers" if "ratio" in report else ""))
 
 
+def fsdp(out: Path) -> None:
+    path = out / "fsdp-run" / "metrics.jsonl"
+    if not path.exists():
+        print("fsdp: no run")
+        return
+    steps = [json.loads(line) for line in path.read_text().splitlines() if '"tokens_per_s"' in line]
+    last = steps[-1]
+    print(f"fsdp, one rank under torchrun: step {last['step']}, loss {last['loss']:.3f}, "
+          f"{last['tokens_per_s']:.0f} tok/s (the last step)")
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     print("--- summary ---")
@@ -68,6 +79,7 @@ def main() -> None:
             print(f"{name}: no report")
         else:
             show(report)
+    fsdp(out)
 
 
 if __name__ == "__main__":

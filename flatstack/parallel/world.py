@@ -24,6 +24,11 @@ class World:
         return self.rank == 0
 
 
+def launched() -> bool:
+    """Started by torchrun (even as one rank: then the job shards over its one process too)."""
+    return "WORLD_SIZE" in os.environ
+
+
 def world() -> World:
     """This process's place, from torchrun's environment (one process: rank 0 of 1)."""
     env = os.environ
@@ -31,9 +36,9 @@ def world() -> World:
 
 
 def setup(device: torch.device, timeout_s: float) -> World:
-    """Join the process group when there are several ranks; on GPUs, each rank takes its local device."""
+    """Join the process group when torchrun started this process; on GPUs, each rank takes its local device."""
     w = world()
-    if w.size > 1 and not dist.is_initialized():
+    if launched() and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(w.local_rank)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
@@ -42,7 +47,7 @@ def setup(device: torch.device, timeout_s: float) -> World:
 
 
 def rank_device(device: torch.device, w: World) -> torch.device:
-    return torch.device("cuda", w.local_rank) if device.type == "cuda" and w.size > 1 else device
+    return torch.device("cuda", w.local_rank) if device.type == "cuda" and launched() else device
 
 
 def all_sum(values: torch.Tensor) -> torch.Tensor:
