@@ -16,6 +16,7 @@ from flatstack.commands import (
     cmd_convert,
     cmd_generate,
     cmd_info,
+    cmd_plan,
     cmd_prepare,
     cmd_serve,
     cmd_train,
@@ -101,6 +102,22 @@ def add_checkpoint_commands(sub) -> None:
     s.add_argument("--context", type=int, default=None, help="context for attention FLOPs (default: max_seq_len)")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("plan", help="how a model lays out on N GPUs (memory per GPU, step time), computed here")
+    s.add_argument("src", help="a preset name, a checkpoint folder or a .gguf file")
+    s.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    s.add_argument("--gpu", choices=("h100", "h200", "b200", "gb300"), default="h200", help="the card (default h200)")
+    mode = s.add_mutually_exclusive_group()
+    mode.add_argument("--train", action="store_true", help="a training layout (the default)")
+    mode.add_argument("--serve", action="store_true", help="a serving layout")
+    s.add_argument("--seq-len", type=int, default=8192, help="train: sequence length; serve: context (default 8192)")
+    s.add_argument("--batch-tokens", type=int, default=None,
+                   help="train: tokens per step (default: one sequence per GPU)")
+    s.add_argument("--no-activation-checkpointing", action="store_true",
+                   help="train: every layer keeps its activations for the backward")
+    s.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw", help="train: its state's size")
+    s.add_argument("--json", action="store_true", help="print the plan as JSON")
+    s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("convert", help="import a foreign checkpoint into the native format")
     s.add_argument("src", help="a Hugging Face folder, a .gguf file (llama architecture), or a Grok-1 "

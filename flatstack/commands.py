@@ -39,6 +39,22 @@ def resolve_config(src: str):
     return f"{'GGUF file' if path.suffix == '.gguf' else 'checkpoint'} {path}", read_config(path)
 
 
+def cmd_plan(args) -> None:
+    from flatstack.parallel.plan import CARDS, describe, plan_serving, plan_training
+
+    if args.gpus < 1:
+        raise CommandError(f"--gpus must be >= 1; got {args.gpus}")
+    _, cfg = resolve_config(args.src)
+    card = CARDS[args.gpu]
+    if args.serve:
+        plan = plan_serving(cfg, args.gpus, card, args.seq_len)
+    else:
+        tokens = args.batch_tokens or args.seq_len * args.gpus
+        plan = plan_training(cfg, args.gpus, card, args.seq_len, tokens, args.optimizer,
+                             not args.no_activation_checkpointing)
+    print(json.dumps(plan, indent=1) if args.json else describe(plan))
+
+
 def cmd_info(args) -> None:
     from flatstack.model import model_stats
 

@@ -108,3 +108,36 @@ def test_a_rank_that_raises_ends_the_job_with_its_error(data_dir, tmp_path):
     assert done.returncode != 0
     assert "rank 1 broke at step 2" in done.stderr + done.stdout
     assert time.monotonic() - started < 120  # not the 60 s timeout of each collective, over and over
+
+
+def memory_report(nproc: int) -> dict:
+    script = str(Path(__file__).parent.parent / "scripts" / "fsdp_memory.py")
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+                                 if nproc > 1 else [])
+    done = subprocess.run([*launch, script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
+
+
+def test_two_ranks_hold_half_the_state_each_as_the_plan_predicts():
+    from flatstack.bench_train import DENSE
+    from flatstack.parallel.plan import CARDS, plan_training
+
+    one, two = memory_report(1), memory_report(2)
+    plan = plan_training(DENSE, 2, CARDS["h200"], DENSE.max_seq_len, 2 * DENSE.max_seq_len)["per_gpu_bytes"]
+    for kind in ("parameters", "gradients", "optimizer"):
+        assert two[kind] / one[kind] == pytest.approx(0.5, abs=0.01), kind
+        assert plan[kind] == pytest.approx(two[kind], rel=0.10), kind
+
+
+def test_plan_lays_out_grok1_without_allocating_it(capsys):
+    from flatstack.cli import main
+
+    assert main(["plan", "grok-1", "--gpus", "64", "--gpu", "h200", "--train", "--json"]) == 0
+    train = json.loads(capsys.readouterr().out)
+    assert train["fits"] and train["per_gpu_bytes"]["parameters"] == pytest.approx(4 * 315.68e9 / 64, rel=0.01)
+    assert train["communication_link"] == "network" and 0 < train["mfu_bound"] <= 1
+    assert main(["plan", "grok-1", "--gpus", "8", "--gpu", "h200", "--serve", "--json"]) == 0
+    serve = json.loads(capsys.readouterr().out)
+    assert not serve["fits"] and "tensor or expert parallel" in serve["note"]
