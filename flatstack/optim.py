@@ -51,8 +51,9 @@ class Muon(torch.optim.Optimizer):
     """Momentum, then orthogonalise the update of each matrix (stacked experts: each expert).
 
     Matrices of one shape are orthogonalised together as one batch: a model's many small matrices
-    would otherwise cost hundreds of tiny matmuls per step. Under FSDP2 every rank gathers each update
-    whole, orthogonalises all of them (the same work on each rank) and keeps its own slice."""
+    would otherwise cost hundreds of tiny matmuls per step, in batches of at most BATCH_BYTES. Under FSDP2
+    every rank gathers each update whole, orthogonalises all of them (the same work on each rank) and keeps
+    its own slice."""
 
     def __init__(self, params, lr: float, momentum: float = 0.95, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
@@ -60,26 +61,50 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             by_shape: dict[tuple, list] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
-                buf.lerp_(p.grad, 1 - mu)
-                mats = whole(p.grad.lerp(buf, mu)).reshape(-1, *p.shape[-2:])  # Nesterov
-                tall = p.shape[-2] > p.shape[-1]
-                mats = mats.mT if tall else mats  # all wide, so same-size matrices batch together
-                by_shape.setdefault(tuple(mats.shape[-2:]), []).append((p, mats, tall))
+                self.state[p].setdefault("momentum", torch.zeros_like(p)).lerp_(p.grad, 1 - group["momentum"])
+                tall = p.shape[-2] > p.shape[-1]  # all made wide, so same-size matrices batch together
+                by_shape.setdefault((min(p.shape[-2:]), max(p.shape[-2:])), []).append((p, tall))
             for entries in by_shape.values():
-                ortho = newton_schulz(torch.cat([mats for _, mats, _ in entries]))
-                start = 0
-                for p, mats, tall in entries:
-                    update = ortho[start : start + len(mats)]
-                    start += len(mats)
-                    update = like(p, (update.mT if tall else update).reshape(p.shape))
-                    scale = max(1.0, p.shape[-2] / p.shape[-1]) ** 0.5
-                    p.mul_(1 - lr * wd).add_(update, alpha=-lr * scale)
+                for batch in batches(entries, BATCH_BYTES):
+                    self.update(batch, group)
+
+    def update(self, entries: list, group: dict) -> None:
+        """Orthogonalise a batch of same-shape matrices together and apply them: each update is gathered
+        whole only here, so at most a batch of them exists at once."""
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        mats = []
+        for p, tall in entries:
+            m = whole(p.grad.lerp(self.state[p]["momentum"], mu)).reshape(-1, *p.shape[-2:])  # Nesterov
+            mats.append(m.mT if tall else m)
+        ortho, start = newton_schulz(torch.cat(mats)), 0
+        for (p, tall), m in zip(entries, mats, strict=True):
+            update = ortho[start : start + len(m)]
+            start += len(m)
+            update = like(p, (update.mT if tall else update).reshape(p.shape))
+            scale = max(1.0, p.shape[-2] / p.shape[-1]) ** 0.5
+            p.mul_(1 - lr * wd).add_(update, alpha=-lr * scale)
+
+
+BATCH_BYTES = 256 << 20  # whole updates orthogonalised at once, at most (a sharded model's can be huge)
+
+
+def batches(entries: list, limit: int) -> list[list]:
+    """Consecutive runs of `entries` (parameter, tall) whose whole float32 sizes stay under `limit` (a
+    matrix larger than it goes alone)."""
+    out: list[list] = [[]]
+    size = 0
+    for p, tall in entries:
+        n = p.numel() * 4
+        if out[-1] and size + n > limit:
+            out.append([])
+            size = 0
+        out[-1].append((p, tall))
+        size += n
+    return out
 
 
 def build_optimizers(model: Transformer, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:

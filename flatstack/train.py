@@ -377,7 +377,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 last_eval = evaluate_and_report(run, bar, metrics, plot)
             if done or (cfg.ckpt_every and run.step % cfg.ckpt_every == 0):
                 run.save_checkpoint()
-        if run.stop_requested:
+        if run.stopping():  # asked on any rank: every rank saves (the save is collective)
             path = run.save_checkpoint()
             bar.write(f"stopped by signal at step {run.step}; checkpoint saved to {path}")
     finally:

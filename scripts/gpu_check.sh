@@ -68,7 +68,7 @@ fsdp_step() {  # one rank under torchrun: FSDP2 over NCCL (gloo on a CPU), shard
 }
 export -f fsdp_step
 export PY OUT DEVICE STDLIB
-step fsdp 120 bash -c fsdp_step
+step fsdp 300 bash -c fsdp_step
 step model 120 "$PY" scripts/random_llama.py "$OUT/llama-3.2-1b" $([ "$SMALL" = 1 ] && echo --small)
 step decode 180 "${FS[@]}" bench decode --device "$DEVICE" --model "$OUT/llama-3.2-1b" "${DECODE[@]}" \
     --json-out "$OUT/decode.json"

@@ -258,7 +258,7 @@ def test_packed_prompt_chunks_equal_the_reference_per_sequence(softcap, window):
     k_seq = torch.cat([torch.full((ctx.shape[3],), i) for i, ctx in enumerate(contexts)])
     k_pos = torch.cat([torch.arange(ctx.shape[3]) for ctx in contexts])
     with torch.no_grad():
-        got = attention.packed(q, k, v, q_seq, q_pos, k_seq, k_pos, D**-0.5, softcap, window)
+        got = attention.packed(q, k, v, attention.packed_mask(q_seq, q_pos, k_seq, k_pos, window), D**-0.5, softcap)
     offset = 0
     for (c, n), ctx in zip(chunks, contexts, strict=True):
         want = attention.reference(q[:, :, offset : offset + n], ctx[0][:, :, : c + n], ctx[1][:, :, : c + n],

@@ -12,6 +12,8 @@ inference ones (kernels/linear.py).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -89,7 +91,8 @@ class PagedBatch:
         # the leading one-token entries (the scheduler puts decodes first) attend together, as decodes
         self.num_decodes = d = next((i for i, (_, n) in enumerate(scheduled) if n != 1), len(scheduled))
         self.chunks = [(tables[i].to(device), lengths[i], n) for i, (_, n) in enumerate(scheduled) if i >= d]
-        self.packed = packed_chunks(positions[d:], tables[d:], bs, device) if packed and self.chunks else None
+        self.packed = packed_chunks(positions[d:], tables[d:], bs, device, self.window) \
+            if packed and self.chunks else None
         if d:
             longest = max(2, *(len(t) for t in tables[:d]))  # never one block wide: compiled code would specialise on 1
             self.decode_tables = torch.stack([F.pad(t, (0, longest - len(t))) for t in tables[:d]]).to(device)
@@ -104,10 +107,9 @@ class PagedBatch:
                                    self.decode_tables, self.decode_lengths, self.scale, self.softcap, self.window)
             outs.append(out.transpose(0, 1).unsqueeze(0))
         if self.packed is not None:
-            blocks, q_seq, q_pos, k_seq, k_pos = self.packed
+            blocks, block_mask = self.packed
             kc, vc = self.pool.gather(layer, blocks)
-            outs.append(attention.packed(q[:, :, B:], kc, vc, q_seq, q_pos, k_seq, k_pos, self.scale, self.softcap,
-                                         self.window))
+            outs.append(attention.packed(q[:, :, B:], kc, vc, block_mask, self.scale, self.softcap))
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         offset = B
         for table, length, n in self.chunks:
@@ -117,13 +119,16 @@ class PagedBatch:
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
-def packed_chunks(positions: list[torch.Tensor], tables: list[torch.Tensor], block_size: int, device):
-    """What `attention.packed` needs for the prompt chunks: their blocks, gathered as one context, and
-    each query's and each context slot's sequence (its index among the chunks) and position."""
+def packed_chunks(positions: list[torch.Tensor], tables: list[torch.Tensor], block_size: int, device,
+                  window: int | None):
+    """What `attention.packed` needs for the prompt chunks: their blocks, gathered as one context, and the
+    block mask built from each query's and each context slot's sequence (its index among the chunks) and
+    position, once for every layer of the step."""
     q_seq = torch.cat([torch.full((len(p),), i) for i, p in enumerate(positions)])
     k_seq = torch.cat([torch.full((len(t) * block_size,), i) for i, t in enumerate(tables)])
     k_pos = torch.cat([torch.arange(len(t) * block_size) for t in tables])
-    return tuple(t.to(device) for t in (torch.cat(tables), q_seq, torch.cat(positions), k_seq, k_pos))
+    ids = (t.to(device) for t in (q_seq, torch.cat(positions), k_seq, k_pos))
+    return torch.cat(tables).to(device), attention.packed_mask(*ids, window)
 
 
 def swap_linears(model: Transformer, kind: str) -> nn.Module:
@@ -174,7 +179,12 @@ class ModelRunner:
         """Compile the CPU's decode graphs on a thread of their own (once; decode steps run eagerly
         meanwhile), or capture the GPU's CUDA graphs (here: seconds, and no other work may run meanwhile)."""
         if self.graphed is not None:
-            self.graphed.capture_all()
+            try:
+                self.graphed.capture_all()
+            except Exception as e:  # noqa: BLE001 - serve eagerly rather than fail every step
+                warnings.warn(f"capturing the decode steps as CUDA graphs failed ({type(e).__name__}: {e}); "
+                              "decoding eagerly", stacklevel=2)
+                self.graphed = None
         if self.graphs is not None and self.compiling is None:
             self.compiling = self.graphs.warm_in_background()
 
@@ -203,7 +213,9 @@ class ModelRunner:
         tokens = [t for seq, n in scheduled for t in seq.token_ids[seq.num_computed : seq.num_computed + n]]
         batch = PagedBatch(model, self.pool, scheduled, self.device, self.packed)
         decoding = batch.num_decodes == len(scheduled)
-        if decoding and self.graphed is not None and len(scheduled) <= self.graphed.max_seqs:
+        # every entry samples: a one-token prompt chunk that does not (a budget of one token left) runs eagerly
+        whole = all(seq.num_computed + n == seq.num_tokens for seq, n in scheduled)
+        if decoding and whole and self.graphed is not None and len(scheduled) <= self.graphed.max_seqs:
             return self.graphed.run(tokens, batch.positions, batch.new_slots, batch.decode_tables,
                                     batch.decode_lengths).float()
         compiled = decoding and len(scheduled) <= FEW_ROWS and self.decode_path == "compiled"

@@ -54,7 +54,7 @@ def compiled_flex():
     # one graph per shape (dynamic shapes fail to lower with a mask over per-token tensors): training's
     # one length, and the packed prefill's power-of-two buckets (a few query by several context sizes)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(flex_attention)
+    return torch.compile(flex_attention, dynamic=False)
 
 
 @functools.cache
@@ -97,19 +97,17 @@ def bucket(n: int, least: int) -> int:
     return max(least, 1 << (n - 1).bit_length())
 
 
-def packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_seq: torch.Tensor, q_pos: torch.Tensor,
-           k_seq: torch.Tensor, k_pos: torch.Tensor, scale: float, softcap: float | None = None,
-           window: int | None = None) -> torch.Tensor:
-    """q [1, H, T, D]: T query tokens of several sequences, token i of sequence q_seq[i] at position
-    q_pos[i]; k, v [1, Hkv, S, D] with k_seq, k_pos likewise -> [1, H, T, D]. Query i sees key j when they
-    belong to one sequence and k_pos[j] <= q_pos[i] (within the window). T and S are padded to powers of
-    two with ids no token has, so the compiled kernel sees a few shapes, not one per step."""
+def packed_mask(q_seq: torch.Tensor, q_pos: torch.Tensor, k_seq: torch.Tensor, k_pos: torch.Tensor,
+                window: int | None = None):
+    """The block mask of `packed`: T query tokens, token i of sequence q_seq[i] at position q_pos[i], and S
+    keys likewise; query i sees key j when they belong to one sequence and k_pos[j] <= q_pos[i] (within
+    the window). T and S are padded to powers of two with ids no token has, so the compiled kernel sees a
+    few shapes, not one per step. Built once a step, for every layer."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    T, S = q.shape[2], k.shape[2]
+    T, S = len(q_seq), len(k_seq)
     Tp, Sp = bucket(T, 128), bucket(S, 128)
     pad = torch.nn.functional.pad
-    q, k, v = pad(q, (0, 0, 0, Tp - T)), pad(k, (0, 0, 0, Sp - S)), pad(v, (0, 0, 0, Sp - S))
     q_seq, q_pos = pad(q_seq, (0, Tp - T), value=-1), pad(q_pos, (0, Tp - T))
     k_seq, k_pos = pad(k_seq, (0, Sp - S), value=-2), pad(k_pos, (0, Sp - S))
 
@@ -119,7 +117,16 @@ def packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_seq: torch.Tenso
             visible = visible & (k_pos[kv_idx] > q_pos[q_idx] - window)
         return visible
 
-    block_mask = create_block_mask(mask_mod, None, None, Tp, Sp, device=str(q.device))
+    return create_block_mask(mask_mod, None, None, Tp, Sp, device=str(q_seq.device))
+
+
+def packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, scale: float,
+           softcap: float | None = None) -> torch.Tensor:
+    """q [1, H, T, D], k, v [1, Hkv, S, D] as `packed_mask` describes them -> [1, H, T, D]."""
+    T, S = q.shape[2], k.shape[2]
+    Tp, Sp = block_mask.seq_lengths
+    pad = torch.nn.functional.pad
+    q, k, v = pad(q, (0, 0, 0, Tp - T)), pad(k, (0, 0, 0, Sp - S)), pad(v, (0, 0, 0, Sp - S))
     out = compiled_flex()(q, k, v, score_mod=None if softcap is None else softcap_score(softcap),
                           block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return out[:, :, :T]

@@ -131,9 +131,10 @@ def sm_count(index: int) -> int:
 
 def choose_splits(batch: int, kv_heads: int, width: int, sms: int = 132) -> int:
     """Splits per (sequence, KV head) from shapes alone: enough programs to fill the SMs about twice, but no
-    split shorter than 4 table entries (the combine then costs more than the parallelism buys), at most 32."""
-    want = triton.cdiv(2 * sms, batch * kv_heads)
-    return max(1, min(want, width // 4, 32))
+    split shorter than 4 table entries (the combine then costs more than the parallelism buys), at most 32;
+    a power of two, so eager steps of changing sizes compile a handful of variants, not one per count."""
+    want = min(triton.cdiv(2 * sms, batch * kv_heads), width // 4, 32)
+    return 1 << max(0, want.bit_length() - 1) if want > 1 else 1
 
 
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
