@@ -12,27 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED
 
 import flatstack
 from flatstack.checkpoint import convert
-from flatstack.data import PrepareConfig, prepare
 
-TEXT = (SHARED / "data" / "tinyshakespeare.txt").read_text()[:60_000]
 # the MoE losses off: they are means over each rank's own tokens, so with them the ranks' gradients are not
 # one process's; AdamW and Muon both run (Muon on the blocks' matrices)
 COMMON = ["--seq-len", "32", "--batch-size", "4", "--warmup-steps", "2", "--eval-tokens", "512", "--samples", "0",
           "--progress", "false", "--threads", "1", "--moe-aux-coef", "0", "--moe-z-coef", "0", "--dist-timeout", "60"]
 MODELS = {"dense": ["--model", "grok-1-tiny", "--n-experts", "0", "--ffn-dim", "128"],
           "moe": ["--model", "grok-1-tiny", "--optimizer", "muon"]}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    (root / "in.txt").write_text(TEXT)
-    prepare(PrepareConfig(inputs=[str(root / "in.txt")], out=str(root / "d"), tokenizer="char", progress=False))
-    return root / "d"
 
 
 def train(data: Path, out: Path, nproc: int, *args: str) -> subprocess.CompletedProcess:

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED
 
 import flatstack
 from flatstack.cli import main
@@ -21,17 +20,8 @@ from flatstack.losses import RouterLogits, apply_activation_checkpointing, moe_l
 from flatstack.model import Transformer, preset
 from flatstack.train import Run, TrainConfig, TrainingError, train
 
-TEXT = (SHARED / "data" / "tinyshakespeare.txt").read_text()[:60_000]
 SMALL = dict(model="grok-1-tiny", seq_len=32, batch_size=4, warmup_steps=5, eval_tokens=2000, samples=0,
              progress=False, threads=1)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    (root / "in.txt").write_text(TEXT)
-    prepare(PrepareConfig(inputs=[str(root / "in.txt")], out=str(root / "d"), tokenizer="char", progress=False))
-    return root / "d"
 
 
 @pytest.fixture(scope="module")
