@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from flatstack.checkpoint.native import native_config, read_json
-from flatstack.model import ModelConfig
+from flatstack.model import ModelConfig, Transformer
 
 
 def is_dcp(path: Path) -> bool:
@@ -20,8 +20,6 @@ def is_dcp(path: Path) -> bool:
 def read_dcp(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The model's config and its whole float32 tensors, by their native names."""
     import torch.distributed.checkpoint as dcp
-
-    from flatstack.model import Transformer
 
     cfg = native_config(read_json(folder / "config.json"), folder)
     with torch.device("meta"):
