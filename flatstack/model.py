@@ -240,9 +240,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, start: int = 0, cache: KVCache | None = None):
         cfg = self.cfg
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        # heads counted from the projections: a tensor-parallel rank holds only its share of them
+        q = self.wq(x).view(B, T, -1, cfg.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, -1, cfg.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, -1, cfg.head_dim).transpose(1, 2)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -4,6 +4,7 @@ parameters; streaming; the pool's accounting; bad requests refused without distu
 
 import json
 import math
+import threading
 import time
 
 import pytest
@@ -71,6 +72,9 @@ def test_the_gpu_runner_paths_equal_the_reference_on_the_cpu(name):
     (eagerly, padded to a bucket, the padding writing into the scratch block), and the prompt chunks of
     several sequences packed into one FlexAttention call. The MoE (float32: not graph-safe) takes the
     packed prefill only."""
+    for thread in threading.enumerate():  # an earlier test's decode graphs still compiling: torch's tracing
+        if thread.name == "flatstack-compile":  # state is global, and create_block_mask traces too
+            thread.join()
     llm = engine(name, max_num_batched_tokens=32, max_num_seqs=5, enforce_eager=True)
     llm.runner = runner = ModelRunner(llm.model, len(llm.blocks.blocks), llm.config.block_size, max_num_seqs=5,
                                       gpu_paths=True)

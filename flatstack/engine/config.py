@@ -27,13 +27,15 @@ class EngineConfig:
     quantize: str | None = setting(None, "weight-only quantisation for inference", choices=QUANTIZE)
     enforce_eager: bool = setting(False, "never compile the decode step's blocks (slower decoding)")
     seed: int | None = setting(None, "seed of the random seeds given to requests without one")
+    tp: int = setting(1, "tensor-parallel ranks: processes of this machine that split the model's heads and "
+                         "feed-forward (KV cache memory is per rank)")
 
     def __post_init__(self) -> None:
         if self.dtype is not None and not isinstance(self.dtype, str):  # a torch.dtype
             self.dtype = str(self.dtype).removeprefix("torch.")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}; got {self.dtype!r}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "tp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.quantize is not None and self.quantize not in QUANTIZE:

@@ -12,6 +12,7 @@ import itertools
 import os
 import random
 from collections.abc import Iterator
+from dataclasses import asdict
 
 import torch
 from tokenizers import Tokenizer
@@ -23,6 +24,7 @@ from flatstack.engine.runner import ModelRunner, kv_bytes_per_token
 from flatstack.engine.sampling import RequestError, SamplingParams
 from flatstack.engine.scheduler import Scheduler
 from flatstack.engine.sequence import Sequence
+from flatstack.engine.tensor_parallel import Ranks, shard_model
 from flatstack.model import Transformer
 from flatstack.tokenizer import EOS, IM_END, chat_template_of, render_chat
 
@@ -45,22 +47,43 @@ class LLM:
     def __init__(self, model: str | os.PathLike | Transformer, tokenizer: Tokenizer | str | os.PathLike | None = None,
                  **settings):
         self.config = config = EngineConfig(**settings)
-        self.model, self.tokenizer, files = load_model_and_tokenizer(model, tokenizer, config)
+        # tensor parallel: the other ranks start loading their shards while this one loads its own
+        self.ranks = Ranks(model, asdict(config), config.tp) if config.tp > 1 else None
+        try:
+            self.model, self.tokenizer, files = load_model_and_tokenizer(model, tokenizer, config)
+            if self.ranks is not None:
+                shard_model(self.model, 0, config.tp)
+            num_blocks = self.kv_blocks()
+            if self.ranks is not None:
+                self.ranks.send(num_blocks)
+        except BaseException:
+            self.close()
+            raise
         self.chat_template = chat_template_of(files, self.tokenizer)
-        per_block = config.block_size * kv_bytes_per_token(self.model, self.model.tok_embeddings.weight.dtype)
-        num_blocks = config.kv_cache_memory // per_block
-        if num_blocks < 1:
-            raise ValueError(f"--kv-cache-memory {config.kv_cache_memory} bytes holds no block of "
-                             f"{config.block_size} tokens ({per_block} bytes)")
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        # the CPU's compiled decode graphs and CUDA graphs are not built around the ranks' all-reduces
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.quantize or "float",
-                                  compile_decode=not config.enforce_eager, max_num_seqs=config.max_num_seqs)
+                                  compile_decode=not config.enforce_eager and config.tp == 1,
+                                  max_num_seqs=config.max_num_seqs, ranks=self.ranks)
         self.eos_ids = eos_ids(self.model, self.tokenizer)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_ids, self.scheduler)
         self.rng = random.Random(config.seed)
         self.requests: dict[str, Sequence] = {}
         self.counter = itertools.count()
+
+    def kv_blocks(self) -> int:
+        config = self.config
+        per_block = config.block_size * kv_bytes_per_token(self.model, self.model.tok_embeddings.weight.dtype)
+        if config.kv_cache_memory < per_block:
+            raise ValueError(f"--kv-cache-memory {config.kv_cache_memory} bytes holds no block of "
+                             f"{config.block_size} tokens ({per_block} bytes)")
+        return config.kv_cache_memory // per_block
+
+    def close(self) -> None:
+        """Stop the other ranks of a tensor-parallel engine (also done at exit)."""
+        if self.ranks is not None:
+            self.ranks.close()
 
     # -- requests -------------------------------------------------------------------------------
 

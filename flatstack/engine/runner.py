@@ -13,6 +13,7 @@ inference ones (kernels/linear.py).
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -65,23 +66,43 @@ class KVPool:
         return tuple(gather_blocks(pool, blocks).flatten(1, 2).unsqueeze(0) for pool in (self.k[layer], self.v[layer]))
 
 
+@dataclass(frozen=True)
+class Planned:
+    """What the runner needs of one scheduled sequence: the tokens to forward, the position of the first,
+    the blocks its context fills, and whether it samples a token after this step (its whole context is
+    then computed). Plain data, so a tensor-parallel step sends it to the other ranks as it is."""
+
+    tokens: list[int]
+    start: int
+    table: list[int]
+    samples: bool
+
+
+def plan(scheduled: list[tuple[Sequence, int]], block_size: int) -> list[Planned]:
+    step = []
+    for seq, n in scheduled:
+        start, end = seq.num_computed, seq.num_computed + n
+        step.append(Planned(seq.token_ids[start:end], start, seq.block_table[: -(-end // block_size)],
+                            end == seq.num_tokens))
+    return step
+
+
 class PagedBatch:
     """One step's view of the pool, handed to the blocks as their cache: per-token positions and slots,
     the decodes' block tables, the prompt chunks'. With `packed`, the prompt chunks attend together in one
     FlexAttention call over their contexts gathered at once (kernels/attention.py: packed), instead of
     one attention call per chunk."""
 
-    def __init__(self, model: Transformer, pool: KVPool, scheduled: list[tuple[Sequence, int]], device,
-                 packed: bool = False):
+    def __init__(self, model: Transformer, pool: KVPool, step: list[Planned], device, packed: bool = False):
         cfg = model.cfg
         self.pool = pool
         self.scale, self.softcap, self.window = model.layers[0].attn.scale, cfg.attn_logit_softcap, cfg.sliding_window
         bs = pool.block_size
         positions, new_slots, tables, lengths = [], [], [], []
-        for seq, n in scheduled:
-            start, end = seq.num_computed, seq.num_computed + n
-            pos = torch.arange(start, end)
-            table = torch.tensor(seq.block_table[: -(-end // bs)])
+        for entry in step:
+            end = entry.start + len(entry.tokens)
+            pos = torch.arange(entry.start, end)
+            table = torch.tensor(entry.table)
             positions.append(pos)
             new_slots.append(table[pos // bs] * bs + pos % bs)
             tables.append(table)
@@ -89,8 +110,8 @@ class PagedBatch:
         self.positions = torch.cat(positions).to(device)
         self.new_slots = torch.cat(new_slots).to(device)
         # the leading one-token entries (the scheduler puts decodes first) attend together, as decodes
-        self.num_decodes = d = next((i for i, (_, n) in enumerate(scheduled) if n != 1), len(scheduled))
-        self.chunks = [(tables[i].to(device), lengths[i], n) for i, (_, n) in enumerate(scheduled) if i >= d]
+        self.num_decodes = d = next((i for i, e in enumerate(step) if len(e.tokens) != 1), len(step))
+        self.chunks = [(tables[i].to(device), lengths[i], len(e.tokens)) for i, e in enumerate(step) if i >= d]
         self.packed = packed_chunks(positions[d:], tables[d:], bs, device, self.window) \
             if packed and self.chunks else None
         if d:
@@ -153,10 +174,12 @@ def graph_safe(model: Transformer) -> bool:
 
 class ModelRunner:
     """`gpu_paths` (default: on a GPU): decode steps as CUDA graphs (cuda_graphs.py; run eagerly from their
-    static buffers elsewhere) and prompt chunks packed into one attention call."""
+    static buffers elsewhere) and prompt chunks packed into one attention call. `ranks`: the other ranks of
+    a tensor-parallel engine (tensor_parallel.py), whose model is this rank's shard."""
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, weights: str = "float",
-                 compile_decode: bool = True, max_num_seqs: int = 64, gpu_paths: bool | None = None):
+                 compile_decode: bool = True, max_num_seqs: int = 64, gpu_paths: bool | None = None,
+                 ranks=None):
         cpu = model.tok_embeddings.weight.device.type == "cpu"
         gpu_paths = not cpu if gpu_paths is None else gpu_paths
         if cpu:
@@ -174,6 +197,7 @@ class ModelRunner:
         self.graphs = DecodeGraphs(model, self.pool.k, self.pool.v) \
             if compile_decode and cpu and not gpu_paths and not model.cfg.is_moe else None
         self.compiling = None  # the thread compiling the graphs, once started
+        self.ranks = ranks  # tensor parallel: the other ranks, sent each step (tensor_parallel.Ranks)
 
     def start_compiling(self) -> None:
         """Compile the CPU's decode graphs on a thread of their own (once; decode steps run eagerly
@@ -204,21 +228,28 @@ class ModelRunner:
             return "eager"
         return "compiled" if self.graphs.ready.is_set() else "compiling"
 
-    @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Forward the step's tokens; float32 logits [M, V] at the last token of each sequence whose
-        whole context is computed after this step (the ones that sample), in scheduled order."""
+        whole context is computed after this step (the ones that sample), in scheduled order. Under tensor
+        parallelism, the other ranks are sent the same step first."""
+        step = plan(scheduled, self.pool.block_size)
+        if self.ranks is not None:
+            self.ranks.send(step)
+        return self.execute(step)
+
+    @torch.inference_mode()
+    def execute(self, step: list[Planned]) -> torch.Tensor:
         model = self.model
         self.start_compiling()
-        tokens = [t for seq, n in scheduled for t in seq.token_ids[seq.num_computed : seq.num_computed + n]]
-        batch = PagedBatch(model, self.pool, scheduled, self.device, self.packed)
-        decoding = batch.num_decodes == len(scheduled)
+        tokens = [t for entry in step for t in entry.tokens]
+        batch = PagedBatch(model, self.pool, step, self.device, self.packed)
+        decoding = batch.num_decodes == len(step)
         # every entry samples: a one-token prompt chunk that does not (a budget of one token left) runs eagerly
-        whole = all(seq.num_computed + n == seq.num_tokens for seq, n in scheduled)
-        if decoding and whole and self.graphed is not None and len(scheduled) <= self.graphed.max_seqs:
+        whole = all(entry.samples for entry in step)
+        if decoding and whole and self.graphed is not None and len(step) <= self.graphed.max_seqs:
             return self.graphed.run(tokens, batch.positions, batch.new_slots, batch.decode_tables,
                                     batch.decode_lengths).float()
-        compiled = decoding and len(scheduled) <= FEW_ROWS and self.decode_path == "compiled"
+        compiled = decoding and len(step) <= FEW_ROWS and self.decode_path == "compiled"
         x = model.embed(torch.tensor([tokens], device=self.device))
         cos, sin = model.rope(batch.positions, x.dtype)
         # eager steps take the fused few-row products only once the graphs (which compile them too) exist
@@ -229,7 +260,7 @@ class ModelRunner:
             else:
                 for layer in model.layers:
                     x = layer(x, cos, sin, 0, batch)
-            ends = torch.tensor([n for _, n in scheduled]).cumsum(0) - 1
-            sampling = [i for i, (seq, n) in enumerate(scheduled) if seq.num_computed + n == seq.num_tokens]
+            ends = torch.tensor([len(entry.tokens) for entry in step]).cumsum(0) - 1
+            sampling = [i for i, entry in enumerate(step) if entry.samples]
             hidden = model.norm(x[0, ends[sampling].to(self.device)])
             return model.logits(hidden, self.head).float()
