@@ -208,6 +208,8 @@ def cmd_train(args, extra: list[str]) -> None:
         if not args.out or not saved.exists():
             raise CommandError(f"--resume needs --out RUN_DIR of an earlier run (no {saved})")
         base = json.loads(saved.read_text())
+        for layout in ("tp", "ep"):  # how the ranks split the work is this launch's, not the run's
+            base.pop(layout, None)
     toml_train, toml_model = read_toml(args.config) if args.config else ({}, {})
     cli_train, cli_model = parse_overrides(extra)
     named = {k: v for k, v in (("data", args.data), ("model", args.model), ("out", args.out),

@@ -205,15 +205,18 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device=None):
-        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.max_len = max_len
+        self.k: list[torch.Tensor | None] = [None] * cfg.n_layers
+        self.v: list[torch.Tensor | None] = [None] * cfg.n_layers
+        self.batch, self.max_len, self.dtype, self.device = batch, max_len, dtype, device
 
     def attend(self, layer: int, q, k, v, start: int, attend):
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
+        if self.k[layer] is None:  # sized by the first keys: a tensor-parallel rank holds only its heads
+            shape = (self.batch, k.shape[1], self.max_len, k.shape[3])
+            self.k[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.v[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return attend(q, self.k[layer][:, :, :end], self.v[layer][:, :, :end])
@@ -299,9 +302,14 @@ class MoE(nn.Module):
         self.act = ACTIVATIONS[cfg.activation]
 
     def forward(self, x):
-        cfg = self.cfg
         shape = x.shape
-        x = x.reshape(-1, shape[-1])
+        x, experts, weights, w = self.route(x.reshape(-1, shape[-1]))
+        return run_experts(x, experts, weights, w, self.act).view(shape)
+
+    def route(self, x: torch.Tensor):
+        """Tokens [N, D] -> (tokens, their k experts [N, k], weights [N, k], the expert stacks), the tokens,
+        weights and stacks in the dtype the expert products run in."""
+        cfg = self.cfg
         logits = self.router(x).float()  # routing in float32, as both references do
         probs = torch.softmax(logits, dim=-1)
         weights, experts = probs.topk(cfg.experts_per_token, dim=-1)
@@ -311,9 +319,13 @@ class MoE(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # autocast does not reach the expert products: cast as it would
             dtype = torch.get_autocast_dtype(x.device.type)
             x, w = x.to(dtype), tuple(t.to(dtype) for t in w)
-        weights = weights.to(x.dtype)
-        run = moe.grouped if moe.grouped_ok(x, w[0]) else moe.reference
-        return run(x, experts, weights, *w, self.act).view(shape)
+        return x, experts, weights.to(x.dtype), w
+
+
+def run_experts(x, experts, weights, w, act) -> torch.Tensor:
+    """Each token [N, D] through its experts [N, k] of the stacks `w`, summed with its weights [N, k]."""
+    run = moe.grouped if moe.grouped_ok(x, w[0]) else moe.reference
+    return run(x, experts, weights, *w, act)
 
 
 class Block(nn.Module):

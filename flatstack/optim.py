@@ -47,6 +47,23 @@ def like(p: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     return replicated.redistribute(p.device_mesh, p.placements)
 
 
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Scale the gradients to a global norm of at most `max_norm`; returns the norm before, whole. The
+    parameters of a parallel run lie on different meshes (the experts' and tensor-parallel ones, the rest),
+    which one foreach norm cannot mix: each mesh's norm is taken apart, then combined."""
+    from torch.distributed.tensor import DTensor
+
+    groups: dict = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    norms = [whole(torch.nn.utils.get_total_norm([p.grad for p in params])) for params in groups.values()]
+    total = torch.stack(norms).norm() if len(norms) > 1 else norms[0]
+    for params in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
 class Muon(torch.optim.Optimizer):
     """Momentum, then orthogonalise the update of each matrix (stacked experts: each expert).
 
@@ -59,7 +76,7 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):  # closure: the Optimizer API's (DCP's state setup passes None)
         for group in self.param_groups:
             by_shape: dict[tuple, list] = {}
             for p in group["params"]:

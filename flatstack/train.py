@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from flatstack.allocator import keep_freed_memory
@@ -33,9 +32,9 @@ from flatstack.data import DataError, TokenData
 from flatstack.generate import encode_prompt, generate
 from flatstack.losses import RouterLogits, apply_activation_checkpointing, compile_blocks, moe_losses, token_loss_sum
 from flatstack.model import PRESETS, Transformer, model_stats, preset
-from flatstack.optim import build_optimizers, lr_multiplier, whole
+from flatstack.optim import build_optimizers, clip_grad_norm, lr_multiplier
 from flatstack.parallel.dcp import load_sharded, save_sharded
-from flatstack.parallel.fsdp import shard
+from flatstack.parallel.layout import Layout, check_degrees, parallelize
 from flatstack.parallel.world import all_sum, barrier, launched, rank_device, setup
 from flatstack.plot import plot_losses
 from flatstack.tokenizer import load_tokenizer
@@ -55,8 +54,15 @@ class Run:
         self.world = setup(device, cfg.dist_timeout)  # ranks started by torchrun; one process: nothing to join
         self.sharded = launched()  # under torchrun, even as one rank, the model is sharded over the ranks
         self.device = rank_device(device, self.world)
-        if cfg.batch_size % self.world.size:
-            raise DataError(f"--batch-size {cfg.batch_size} does not split over {self.world.size} ranks")
+        if (cfg.tp > 1 or cfg.ep > 1) and not self.sharded:
+            raise DataError("--tp and --ep split the model over ranks: start the run with --nproc N (or torchrun)")
+        try:
+            check_degrees(self.world.size, cfg.tp, cfg.ep)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        data_ranks = self.world.size // cfg.tp  # the ranks of a tensor-parallel group read the same rows
+        if cfg.batch_size % data_ranks:
+            raise DataError(f"--batch-size {cfg.batch_size} does not split over {data_ranks} data-parallel ranks")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.train_data = TokenData(cfg.data, "train")
@@ -82,8 +88,8 @@ class Run:
         self.router_logits = RouterLogits(self.model)
         if cfg.compile:
             compile_blocks(self.model)
-        if self.sharded:
-            shard(self.model)
+        self.layout = parallelize(self.model, self.world.rank, self.world.size, self.device, cfg.tp, cfg.ep) \
+            if self.sharded else Layout()
         self.forward = self.model.hidden  # the model up to its final norm; the LM head is fused with the loss
         self.optimizers = build_optimizers(self.model, cfg, self.device)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
@@ -188,8 +194,8 @@ class Run:
     def batches(self, step: int):
         """The micro-batches of one step: a function of (seed, step) only, so resuming replays them."""
         cfg = self.cfg
-        per_rank = cfg.batch_size // self.world.size
-        rows = slice(self.world.rank * per_rank, (self.world.rank + 1) * per_rank)  # this rank's slice of it
+        per_rank = cfg.batch_size // self.layout.dp
+        rows = slice(self.layout.dp_rank * per_rank, (self.layout.dp_rank + 1) * per_rank)  # this rank's slice
         for micro in range(cfg.grad_accum):
             rng = np.random.default_rng([cfg.seed, step, micro])
             x, y, mask = (a if a is None else a[rows] for a in self.train_data.sample(cfg.batch_size, cfg.seq_len, rng))
@@ -199,7 +205,7 @@ class Run:
     def train_step(self) -> dict:
         try:
             record = optimizer_step(self.model, self.forward, self.router_logits, self.optimizers,
-                                    list(self.batches(self.step)), self.cfg, self.step, self.autocast)
+                                    list(self.batches(self.step)), self.cfg, self.step, self.autocast, self.layout)
         except TrainingError as e:
             last = self.checkpoints()
             raise TrainingError(f"{e}; stopping. Last good checkpoint: {last[-1] if last else 'none'}") from None
@@ -261,20 +267,21 @@ class Run:
 
 
 def optimizer_step(model: Transformer, forward, router_logits: RouterLogits, optimizers: list, batches: list,
-                   cfg: TrainConfig, step: int, autocast) -> dict:
+                   cfg: TrainConfig, step: int, autocast, layout: Layout = Layout()) -> dict:
     """One optimizer step over its micro-batches: the loss is the mean over every counted target of the
     step, so accumulating 4 x 2 sequences equals a batch of 8. Returns the step's metrics."""
     device = batches[0][0].device
-    # every rank's loss is its share of the whole step's mean: the count is over every rank's targets
+    # every rank's loss is its share of the whole step's mean: the count is over every rank's targets (a
+    # tensor-parallel group's ranks hold the same ones)
     counted = all_sum(sum(torch.tensor(float(y.numel()), device=device) if m is None else m.sum()
-                          for _, y, m in batches)).clamp(min=1)
+                          for _, y, m in batches)).clamp(min=1) / layout.tp
     mult = lr_multiplier(cfg, step)
     for opt in optimizers:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * mult
     loss_sum, aux_sum, z_sum = (torch.zeros((), device=device) for _ in range(3))
     accum = len(batches)
-    ranks = dist.get_world_size() if dist.is_initialized() else 1
+    ranks = layout.dp
     for x, y, mask in batches:
         # the mean over the whole step's counted targets, folded into per-target weights
         # (times the ranks: FSDP averages the ranks' gradients, and the step's gradient is their sum)
@@ -288,10 +295,9 @@ def optimizer_step(model: Transformer, forward, router_logits: RouterLogits, opt
         loss_sum += lm.detach() / ranks
         aux_sum += balance.detach() / accum
         z_sum += z.detach() / accum
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-    norm = whole(norm) if norm is not None else loss_sum  # the norm over every rank's shards
+    norm = clip_grad_norm(model, cfg.grad_clip) if cfg.grad_clip > 0 else loss_sum
     # summed over the ranks (the MoE losses averaged), then one device-to-host copy for all that is logged
-    logged = all_sum(torch.stack([loss_sum, aux_sum / ranks, z_sum / ranks]))
+    logged = all_sum(torch.stack([loss_sum, aux_sum / ranks, z_sum / ranks])) / layout.tp
     loss_value, aux_value, z_value, norm_value = torch.cat([logged, norm.reshape(1)]).tolist()
     if not math.isfinite(loss_value):
         for opt in optimizers:

@@ -51,6 +51,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     device: str = "auto"  # auto: cuda if available, else cpu
     threads: int | None = None
+    tp: int = 1  # tensor-parallel ranks per group (under torchrun): they split each block, share the data
+    ep: int = 1  # expert-parallel ranks (under torchrun): they split each MoE layer's experts
     dist_timeout: float = 600.0  # seconds a collective waits for the other ranks before the job fails
     progress: bool = True
 

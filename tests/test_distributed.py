@@ -1,5 +1,5 @@
-"""Training on 2 ranks (torchrun, gloo, the CPU): FSDP2 gives one process's losses on the same global
-batch; a sharded checkpoint resumes on 1 rank and on 2 with the same next losses, and exports to a native
+"""Training on 2 ranks (torchrun, gloo, the CPU): FSDP2, alone or with expert or tensor parallel, gives one
+process's losses on the same global batch; a sharded checkpoint resumes on 1 rank and on 2 with the same next losses, and exports to a native
 checkpoint with the same logits; a rank that raises ends the job with its own error."""
 
 import json
@@ -36,16 +36,41 @@ def losses(out: Path) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
-@pytest.mark.parametrize("model", list(MODELS))
-def test_two_ranks_give_one_process_losses(data_dir, tmp_path, model):
+# 2 ranks: FSDP2 alone, expert parallel (each rank 4 of the 8 experts), tensor parallel (the two ranks split each
+# block and read the same rows); each against one process on the same global batch
+LAYOUTS = {"dense": ("dense", []), "moe": ("moe", []), "moe-ep": ("moe", ["--ep", "2"]),
+           "dense-tp": ("dense", ["--tp", "2"]), "moe-tp": ("moe", ["--tp", "2"])}
+
+
+@pytest.fixture(scope="module")
+def one_process(data_dir, tmp_path_factory):
+    """The losses of one process, per model, trained once for every layout."""
     runs = {}
-    for nproc in (1, 2):
-        done = train(data_dir, tmp_path / str(nproc), nproc, "--max-steps", "4", "--ckpt-every", "0", *MODELS[model])
+    for model in MODELS:
+        out = tmp_path_factory.mktemp(model)
+        done = train(data_dir, out, 1, "--max-steps", "4", "--ckpt-every", "0", *MODELS[model])
         assert done.returncode == 0, done.stderr[-3000:]
-        runs[nproc] = losses(tmp_path / str(nproc))
-    assert len(runs[1]) == 4
-    assert runs[2] == pytest.approx(runs[1], rel=1e-5)
-    assert (tmp_path / "2" / "metrics.jsonl").read_text().count('"loss"') == 4  # rank 0 alone writes
+        runs[model] = losses(out)
+    return runs
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_two_ranks_give_one_process_losses(data_dir, tmp_path, one_process, layout):
+    model, extra = LAYOUTS[layout]
+    done = train(data_dir, tmp_path, 2, "--max-steps", "4", "--ckpt-every", "0", *MODELS[model], *extra)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(one_process[model]) == 4
+    assert losses(tmp_path) == pytest.approx(one_process[model], rel=1e-5)
+    assert (tmp_path / "metrics.jsonl").read_text().count('"loss"') == 4  # rank 0 alone writes
+
+
+def test_an_expert_parallel_checkpoint_resumes_on_one_rank(data_dir, tmp_path, one_process):
+    args = ["--ckpt-every", "2", *MODELS["moe"]]
+    first = train(data_dir, tmp_path, 2, "--max-steps", "2", "--ep", "2", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    done = train(data_dir, tmp_path, 1, "--max-steps", "4", "--resume", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(tmp_path) == pytest.approx(one_process["moe"], rel=1e-5)
 
 
 def test_a_sharded_checkpoint_resumes_on_one_or_two_ranks_and_exports(data_dir, tmp_path):
