@@ -116,6 +116,10 @@ def add_checkpoint_commands(sub) -> None:
     s.add_argument("--no-activation-checkpointing", action="store_true",
                    help="train: every layer keeps its activations for the backward")
     s.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw", help="train: its state's size")
+    s.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel GPUs per group (train default 1; serve default: the fewest that fit)")
+    s.add_argument("--ep", type=int, default=1, help="train: expert-parallel GPUs (default 1)")
+    s.add_argument("--dp", type=int, default=None, help="data-parallel groups, checked against --gpus / --tp")
     s.add_argument("--json", action="store_true", help="print the plan as JSON")
     s.set_defaults(func=cmd_plan)
 

@@ -46,12 +46,20 @@ def cmd_plan(args) -> None:
         raise CommandError(f"--gpus must be >= 1; got {args.gpus}")
     _, cfg = resolve_config(args.src)
     card = CARDS[args.gpu]
-    if args.serve:
-        plan = plan_serving(cfg, args.gpus, card, args.seq_len)
-    else:
-        tokens = args.batch_tokens or args.seq_len * args.gpus
-        plan = plan_training(cfg, args.gpus, card, args.seq_len, tokens, args.optimizer,
-                             not args.no_activation_checkpointing)
+    if args.serve and args.ep > 1:
+        raise CommandError("expert-parallel serving is not built: serving splits each expert by tensor parallel (--tp)")
+    try:
+        if args.serve:
+            plan = plan_serving(cfg, args.gpus, card, args.seq_len, args.tp)
+        else:
+            tokens = args.batch_tokens or args.seq_len * args.gpus
+            plan = plan_training(cfg, args.gpus, card, args.seq_len, tokens, args.optimizer,
+                                 not args.no_activation_checkpointing, args.tp or 1, args.ep)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    if args.dp is not None and args.dp != plan["dp"]:
+        raise CommandError(f"--dp {args.dp} does not match the layout: {args.gpus} GPUs at tensor parallel "
+                           f"{plan['tp']} leave {plan['dp']} data-parallel groups")
     print(json.dumps(plan, indent=1) if args.json else describe(plan))
 
 

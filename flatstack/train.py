@@ -267,9 +267,11 @@ class Run:
 
 
 def optimizer_step(model: Transformer, forward, router_logits: RouterLogits, optimizers: list, batches: list,
-                   cfg: TrainConfig, step: int, autocast, layout: Layout = Layout()) -> dict:
+                   cfg: TrainConfig, step: int, autocast, layout: Layout | None = None) -> dict:
     """One optimizer step over its micro-batches: the loss is the mean over every counted target of the
-    step, so accumulating 4 x 2 sequences equals a batch of 8. Returns the step's metrics."""
+    step, so accumulating 4 x 2 sequences equals a batch of 8. `layout`: how the ranks split the work (one
+    process: None). Returns the step's metrics."""
+    layout = layout or Layout()
     device = batches[0][0].device
     # every rank's loss is its share of the whole step's mean: the count is over every rank's targets (a
     # tensor-parallel group's ranks hold the same ones)

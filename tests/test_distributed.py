@@ -1,6 +1,7 @@
 """Training on 2 ranks (torchrun, gloo, the CPU): FSDP2, alone or with expert or tensor parallel, gives one
-process's losses on the same global batch; a sharded checkpoint resumes on 1 rank and on 2 with the same next losses, and exports to a native
-checkpoint with the same logits; a rank that raises ends the job with its own error."""
+process's losses on the same global batch; a sharded checkpoint resumes on 1 rank and on 2 with the same
+next losses, and exports to a native checkpoint with the same logits; a rank that raises ends the job with
+its own error."""
 
 import json
 import os
@@ -151,7 +152,14 @@ def test_plan_lays_out_grok1_without_allocating_it(capsys):
     assert main(["plan", "grok-1", "--gpus", "64", "--gpu", "h200", "--train", "--json"]) == 0
     train = json.loads(capsys.readouterr().out)
     assert train["fits"] and train["per_gpu_bytes"]["parameters"] == pytest.approx(4 * 315.68e9 / 64, rel=0.01)
-    assert train["communication_link"] == "network" and 0 < train["mfu_bound"] <= 1
+    assert train["fsdp_link"] == "network" and 0 < train["mfu_bound"] <= 1
+    # expert parallel over 8: the same shards (every expert split over 64 ranks), an eighth of the FSDP2 traffic
+    assert main(["plan", "grok-1", "--gpus", "64", "--gpu", "h200", "--train", "--ep", "8", "--json"]) == 0
+    ep = json.loads(capsys.readouterr().out)
+    assert ep["per_gpu_bytes"]["parameters"] == pytest.approx(train["per_gpu_bytes"]["parameters"], rel=0.01)
+    assert ep["communication_s"]["fsdp"] < train["communication_s"]["fsdp"] / 6 and ep["mfu_bound"] > train["mfu_bound"]
+    # serving: the fewest tensor-parallel GPUs that hold the weights, 8 (the KV heads split one each)
     assert main(["plan", "grok-1", "--gpus", "8", "--gpu", "h200", "--serve", "--json"]) == 0
     serve = json.loads(capsys.readouterr().out)
-    assert not serve["fits"] and "tensor or expert parallel" in serve["note"]
+    assert serve["fits"] and serve["tp"] == 8 and serve["kv_cache_sequences"] > 0
+    assert serve["per_gpu_bytes"]["weights"] == pytest.approx(2 * 315.68e9 / 8, rel=0.03)

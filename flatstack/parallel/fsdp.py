@@ -41,11 +41,13 @@ def shard(model: Transformer, mesh: DeviceMesh | None = None, experts: DeviceMes
 
 def balanced(p: torch.Tensor, ranks: int):
     """Shard along dim 0 (FSDP2's default) unless it has fewer rows than there are ranks: Grok-1's 8 expert
-    stacks over 64 ranks would leave 56 ranks none and the other 8 an eighth of every stack each. Then
+    stacks over 64 ranks would leave 56 ranks none and the other 8 an eighth of every stack each (and one
+    expert per EP rank, over 8 more, 7 of them none). Then
     along the largest dim the ranks divide evenly (FSDP2 shards other dims evenly only), if there is one."""
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import DTensor, Shard
 
-    even = [d for d in range(1, p.ndim) if p.shape[d] % ranks == 0]
-    if p.ndim < 2 or p.shape[0] >= ranks or not even:
+    shape = p.to_local().shape if isinstance(p, DTensor) else p.shape  # an expert-parallel stack: this rank's experts
+    even = [d for d in range(1, p.ndim) if shape[d] % ranks == 0]
+    if p.ndim < 2 or shape[0] >= ranks or not even:
         return None
     return Shard(max(even, key=lambda d: p.shape[d]))

@@ -6,8 +6,10 @@ gradients and optimizer state are the shards that code would make, not a formula
 step time and communication come from the formulas below (docs/distributed.md), against a card's
 data-sheet figures (CARDS: leads, not measurements).
 
-Built so far: FSDP2 data parallel for training. Tensor and expert parallel are not built yet, so a
-serving plan holds the whole model on each GPU and says when it cannot fit.
+Training layouts are FSDP2 over every rank, alone, with tensor parallel (`--tp`: dp x tp ranks) or with
+expert parallel (`--ep`); their shards come from `layout.parallelize`. Serving layouts are what the
+engine runs: tensor parallel groups of `--tp` GPUs (attention heads, MLP and expert hidden units split;
+embedding, norms, router and head whole on each), `gpus / tp` replicas of them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from flatstack.model import ModelConfig, Transformer, model_stats
-from flatstack.parallel.fsdp import shard
+from flatstack.parallel.layout import check_degrees, parallelize
 
 
 @dataclass(frozen=True)
@@ -50,67 +52,141 @@ CARDS = {
 }
 
 
-def activation_bytes_per_token(cfg: ModelConfig) -> int:
+def activation_bytes_per_token(cfg: ModelConfig, tp: int = 1) -> int:
     """What the backward keeps per token and layer, bf16: the inputs of each matmul and nonlinearity (the
-    norms' outputs, q, k, v, the attention output, the FFN's gate, up, product and its k experts' share)."""
+    norms' outputs, q, k, v, the attention output, the FFN's gate, up, product and its k experts' share);
+    a tensor-parallel rank keeps its share of those inside attention and the MLP."""
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     ffn = cfg.ffn_dim * (cfg.experts_per_token if cfg.is_moe else 1)
-    return 2 * (4 * cfg.d_model + 3 * q + 2 * kv + 4 * ffn)
+    return int(2 * (4 * cfg.d_model + (3 * q + 2 * kv + 4 * ffn) / tp))
 
 
-def sharded_sizes(cfg: ModelConfig, gpus: int) -> tuple[int, int]:
-    """Under a fake group of `gpus` ranks: rank 0's parameter elements after `fsdp.shard`, and the largest
-    block's whole size (what is gathered while it runs)."""
+@dataclass(frozen=True)
+class Shards:
+    local: int  # parameter elements rank 0 holds
+    moved: int  # elements each FSDP2 collective moves through a rank: each shard times (its group's ranks - 1)
+    block: int  # the largest block's elements as one rank gathers them (its tensor-parallel share whole)
+
+
+def sharded_sizes(cfg: ModelConfig, gpus: int, tp: int = 1, ep: int = 1) -> Shards:
+    """Under a fake group of `gpus` ranks, the model on the meta device laid out by `layout.parallelize`."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=gpus)
     try:
         with torch.device("meta"):
             model = Transformer(cfg)
-        block = max(sum(p.numel() for p in b.parameters()) for b in model.layers)
-        shard(model)
-        return sum(p.to_local().numel() for p in model.parameters()), block
+        parallelize(model, 0, gpus, torch.device("cpu"), tp, ep)
+
+        def gathered(p) -> int:  # FSDP2 shards over the first mesh dimension
+            return p.to_local().numel() * p.device_mesh.size(0)
+
+        local = sum(p.to_local().numel() for p in model.parameters())
+        moved = sum(p.to_local().numel() * (p.device_mesh.size(0) - 1) for p in model.parameters())
+        block = max(sum(gathered(p) for p in b.parameters()) for b in model.layers)
+        return Shards(local, moved, block)
     finally:
         dist.destroy_process_group()
 
 
+def link(card: Card, ranks: int) -> float:
+    """The bandwidth a collective over `ranks` consecutive GPUs gets: NVLink within one domain."""
+    return card.nvlink if ranks <= card.nvlink_domain else card.network
+
+
+def training_communication(cfg: ModelConfig, gpus: int, card: Card, shards: Shards, tokens: int, tp: int,
+                           ep: int) -> dict:
+    """Seconds per step of each kind of collective, bytes over the link it crosses. FSDP2: all-gather bf16
+    twice (forward, backward), reduce-scatter float32. TP: an all-reduce of the activations after attention
+    and after the MLP, forward and backward (a ring moves 2(tp-1)/tp of them). EP: the tokens' k copies out
+    to their experts and back, forward and backward (all-to-all: (ep-1)/ep of them leave the rank)."""
+    dp = gpus // tp
+    fsdp = (2 * 2 + 4) * shards.moved / link(card, gpus)
+    tp_bytes = 4 * cfg.n_layers * 2 * (tp - 1) / tp * (tokens / dp) * cfg.d_model * 2
+    ep_bytes = 4 * cfg.n_layers * (ep - 1) / ep * (tokens / gpus) * cfg.experts_per_token * cfg.d_model * 2
+    return {"fsdp": fsdp, "tensor_parallel": tp_bytes / link(card, tp), "expert_parallel": ep_bytes / link(card, ep)}
+
+
 def plan_training(cfg: ModelConfig, gpus: int, card: Card, seq_len: int, batch_tokens: int,
-                  optimizer: str = "adamw", checkpointing: bool = True) -> dict:
+                  optimizer: str = "adamw", checkpointing: bool = True, tp: int = 1, ep: int = 1) -> dict:
     """With activation checkpointing (`checkpointing`), each layer keeps only its input, and one layer's
-    activations exist at a time while it is recomputed."""
-    local, block = sharded_sizes(cfg, gpus)
+    activations exist at a time while it is recomputed. FSDP2 overlaps its collectives with compute; the
+    tensor- and expert-parallel ones sit on the critical path."""
+    check_degrees(gpus, tp, ep)
+    shards = sharded_sizes(cfg, gpus, tp, ep)
     state = 8 if optimizer == "adamw" else 4  # two float32 moments, or Muon's one
-    tokens = batch_tokens / gpus
-    memory = {"parameters": 4 * local, "gradients": 4 * local, "optimizer": state * local,
-              "gathered_blocks": 2 * 2 * block,  # bf16, the running block and the next one prefetched
-              "activations": int(tokens * (cfg.n_layers * 2 * cfg.d_model + activation_bytes_per_token(cfg))
-                                 if checkpointing else tokens * cfg.n_layers * activation_bytes_per_token(cfg))}
-    stats = model_stats(cfg, seq_len)
-    compute_s = 3 * stats.flops_per_token * batch_tokens / (gpus * card.bf16_flops)
-    link = card.nvlink if gpus <= card.nvlink_domain else card.network
-    comm_bytes = (2 * 2 + 4) * stats.total_params * (gpus - 1) / gpus  # all-gather bf16 twice, reduce-scatter float32
-    comm_s = comm_bytes / link
-    step_s = max(compute_s, comm_s)  # FSDP2 overlaps the collectives with compute
-    layout = f"FSDP2 over {gpus} ranks" + (", activation checkpointing" if checkpointing else "")
-    return {"mode": "train", "gpus": gpus, "card": card.name, "layout": layout,
-            "per_gpu_bytes": memory, "per_gpu_total_bytes": sum(memory.values()), "hbm_bytes": card.hbm_bytes,
-            "fits": sum(memory.values()) <= card.hbm_bytes, "tokens_per_step": batch_tokens,
-            "compute_s": compute_s, "communication_s": comm_s, "step_s": step_s, "mfu_bound": compute_s / step_s,
-            "communication_link": "NVLink" if link == card.nvlink else "network", "source": card.source}
+    tokens = batch_tokens / (gpus // tp)  # a tensor-parallel group shares its tokens
+    per_token = activation_bytes_per_token(cfg, tp)
+    memory = {"parameters": 4 * shards.local, "gradients": 4 * shards.local, "optimizer": state * shards.local,
+              "gathered_blocks": 2 * 2 * shards.block,  # bf16, the running block and the next one prefetched
+              "activations": int(tokens * (cfg.n_layers * 2 * cfg.d_model + per_token) if checkpointing
+                                 else tokens * cfg.n_layers * per_token)}
+    compute_s = 3 * model_stats(cfg, seq_len).flops_per_token * batch_tokens / (gpus * card.bf16_flops)
+    comm = training_communication(cfg, gpus, card, shards, batch_tokens, tp, ep)
+    step_s = max(compute_s, comm["fsdp"]) + comm["tensor_parallel"] + comm["expert_parallel"]
+    layout = f"FSDP2 over {gpus} ranks" + (f", tensor parallel {tp} (dp {gpus // tp})" if tp > 1 else "") \
+        + (f", expert parallel {ep}" if ep > 1 else "") + (", activation checkpointing" if checkpointing else "")
+    total = sum(memory.values())
+    return {"mode": "train", "gpus": gpus, "tp": tp, "ep": ep, "dp": gpus // tp, "card": card.name,
+            "layout": layout, "per_gpu_bytes": memory, "per_gpu_total_bytes": total, "hbm_bytes": card.hbm_bytes,
+            "fits": total <= card.hbm_bytes, "tokens_per_step": batch_tokens, "compute_s": compute_s,
+            "communication_s": comm, "step_s": step_s, "mfu_bound": compute_s / step_s,
+            "fsdp_link": "NVLink" if link(card, gpus) == card.nvlink else "network", "source": card.source}
 
 
-def plan_serving(cfg: ModelConfig, gpus: int, card: Card, context: int) -> dict:
-    """Each GPU a whole replica (tensor and expert parallel are not built yet)."""
-    stats = model_stats(cfg, context)
-    weights = 2 * stats.total_params
-    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2 * context  # one sequence's, bf16
-    per_token = 2 * stats.active_params + kv  # batch 1: every active weight and the context read once
-    return {"mode": "serve", "gpus": gpus, "card": card.name, "layout": f"{gpus} replicas, one per GPU",
+def split_params(cfg: ModelConfig) -> tuple[int, int, int, int]:
+    """Parameters the engine's tensor parallel splits (attention and feed-forward matrices) and those every
+    rank keeps whole (embedding, head, norms, router): total and active per token of each."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    split = whole = split_active = whole_active = 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        expert = cfg.is_moe and ".ffn.w_" in name
+        active = n * cfg.experts_per_token // cfg.n_experts if expert else n
+        if ".attn.w" in name or ".ffn.w_" in name:
+            split, split_active = split + n, split_active + active
+        else:
+            whole, whole_active = whole + n, whole_active + active
+    if not cfg.tied_embeddings:  # the embedding is looked up, not read whole, per token
+        whole_active -= cfg.vocab_size * cfg.d_model
+    return split, whole, split_active, whole_active
+
+
+def serving_tp(cfg: ModelConfig, gpus: int, card: Card, context: int) -> int:
+    """The smallest tensor-parallel group (a divisor of the GPUs that splits the KV heads and the hidden
+    units evenly) whose weights and one sequence's cache fit a GPU, or else the largest."""
+    ok = [t for t in range(1, gpus + 1) if gpus % t == 0 and cfg.n_kv_heads % t == 0 and cfg.ffn_dim % t == 0]
+    return next((t for t in ok if serving_bytes(cfg, t, context)[2] <= card.hbm_bytes), ok[-1])
+
+
+def serving_bytes(cfg: ModelConfig, tp: int, context: int) -> tuple[int, int, int]:
+    split, whole, _, _ = split_params(cfg)
+    weights = int(2 * (split / tp + whole))
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2 * context // tp  # one sequence's, bf16
+    return weights, kv, weights + kv
+
+
+def plan_serving(cfg: ModelConfig, gpus: int, card: Card, context: int, tp: int | None = None) -> dict:
+    """Batch-1 decoding reads every active weight and the context once per token; each layer adds two
+    all-reduces of one token's activations (latency, not modelled, comes on top)."""
+    tp = tp or serving_tp(cfg, gpus, card, context)
+    if gpus % tp or cfg.n_kv_heads % tp or cfg.ffn_dim % tp:
+        raise ValueError(f"--tp {tp} must divide the {gpus} GPUs, the {cfg.n_kv_heads} KV heads and ffn_dim "
+                         f"{cfg.ffn_dim}")
+    weights, kv, total = serving_bytes(cfg, tp, context)
+    _, _, split_active, whole_active = split_params(cfg)
+    read_s = (2 * (split_active / tp + whole_active) + kv) / card.hbm_bandwidth
+    reduce_s = 2 * cfg.n_layers * 2 * (tp - 1) / tp * cfg.d_model * 2 / card.nvlink
+    fits = total <= card.hbm_bytes
+    return {"mode": "serve", "gpus": gpus, "tp": tp, "dp": gpus // tp, "card": card.name,
+            "layout": f"{gpus // tp} replica(s) of tensor parallel over {tp} GPUs",
             "per_gpu_bytes": {"weights": weights, "kv_cache_one_sequence": kv},
-            "per_gpu_total_bytes": weights + kv, "hbm_bytes": card.hbm_bytes, "fits": weights + kv <= card.hbm_bytes,
-            "decode_tokens_per_s_bound": card.hbm_bandwidth / per_token,
-            "note": None if weights + kv <= card.hbm_bytes else
-            "does not fit one GPU: needs tensor or expert parallel serving, not built yet", "source": card.source}
+            "per_gpu_total_bytes": total, "hbm_bytes": card.hbm_bytes, "fits": fits,
+            "kv_cache_sequences": int((card.hbm_bytes - weights) // kv) if fits else 0,
+            "decode_tokens_per_s_bound": 1 / (read_s + reduce_s),
+            "note": None if fits else f"does not fit: the weights need {weights / 2**30:.0f} GiB per GPU even "
+                                      f"split {tp} ways", "source": card.source}
 
 
 def describe(plan: dict) -> str:
@@ -121,11 +197,15 @@ def describe(plan: dict) -> str:
     lines.append(f"  {'total':24s} {plan['per_gpu_total_bytes'] / gib:10.2f} GiB of {plan['hbm_bytes'] / gib:.0f}: "
                  f"{verdict}")
     if plan["mode"] == "train":
-        lines.append(f"  step of {plan['tokens_per_step']:,} tokens: compute {plan['compute_s']:.3f} s, "
-                     f"communication {plan['communication_s']:.3f} s over {plan['communication_link']}; "
-                     f"bound {plan['step_s']:.3f} s, MFU <= {plan['mfu_bound']:.0%}")
+        comm = plan["communication_s"]
+        lines.append(f"  step of {plan['tokens_per_step']:,} tokens: compute {plan['compute_s']:.3f} s; communication: "
+                     f"FSDP2 {comm['fsdp']:.3f} s over {plan['fsdp_link']} (overlapped), tensor parallel "
+                     f"{comm['tensor_parallel']:.3f} s, expert parallel {comm['expert_parallel']:.3f} s")
+        lines.append(f"  bound {plan['step_s']:.3f} s a step, MFU <= {plan['mfu_bound']:.0%}")
     else:
-        lines.append(f"  batch-1 decode <= {plan['decode_tokens_per_s_bound']:.0f} tokens/s (HBM bandwidth)")
+        lines.append(f"  KV cache room: {plan['kv_cache_sequences']} sequences of the full context per replica")
+        lines.append(f"  batch-1 decode <= {plan['decode_tokens_per_s_bound']:.0f} tokens/s (HBM bandwidth and the "
+                     "all-reduces' bytes)")
     if plan.get("note"):
         lines.append(f"  {plan['note']}")
     lines.append(f"  card figures: {plan['source']}")
