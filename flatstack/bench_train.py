@@ -25,7 +25,8 @@ from flatstack.ceilings import card_bf16_peak, matmul_flops, sync
 from flatstack.losses import RouterLogits, compile_blocks
 from flatstack.model import ModelConfig, Transformer, model_stats, preset
 from flatstack.optim import build_optimizers
-from flatstack.train import TrainConfig, optimizer_step
+from flatstack.train import TrainConfig
+from flatstack.train_step import optimizer_step
 
 # GPT-2 small's size (12 layers, 768 wide, 124M parameters, context 256) in the Llama-style block, and a
 # Grok-style MoE with about as many active parameters per token.

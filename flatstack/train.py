@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from flatstack.allocator import keep_freed_memory
@@ -30,15 +31,16 @@ from flatstack.checkpoint import load, save
 from flatstack.checkpoint.dcp import is_dcp
 from flatstack.data import DataError, TokenData
 from flatstack.generate import encode_prompt, generate
-from flatstack.losses import RouterLogits, apply_activation_checkpointing, compile_blocks, moe_losses, token_loss_sum
+from flatstack.losses import RouterLogits, apply_activation_checkpointing, compile_blocks, token_loss_sum
 from flatstack.model import PRESETS, Transformer, model_stats, preset
-from flatstack.optim import build_optimizers, clip_grad_norm, lr_multiplier
+from flatstack.optim import build_optimizers
 from flatstack.parallel.dcp import load_sharded, save_sharded
 from flatstack.parallel.layout import Layout, check_degrees, parallelize
 from flatstack.parallel.world import all_sum, barrier, launched, rank_device, setup
 from flatstack.plot import plot_losses
 from flatstack.tokenizer import load_tokenizer
 from flatstack.train_config import TrainConfig, TrainingError, validate
+from flatstack.train_step import optimizer_step
 
 # ---------------------------------------------------------------------------------------------
 # the run
@@ -91,6 +93,9 @@ class Run:
         self.layout = parallelize(self.model, self.world.rank, self.world.size, self.device, cfg.tp, cfg.ep) \
             if self.sharded else Layout()
         self.forward = self.model.hidden  # the model up to its final norm; the LM head is fused with the loss
+        # sharded checkpoints written in the background talk over a group of their own, beside training's
+        self.background = dist.new_group(backend="gloo") if self.sharded and cfg.async_checkpoint else None
+        self.pending = None  # what completes the checkpoint being written
         self.optimizers = build_optimizers(self.model, cfg, self.device)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))
@@ -140,15 +145,29 @@ class Run:
             "config": asdict(self.cfg),
         }
         path = self.ckpt_dir / f"step_{self.step:07d}"
+        self.complete_checkpoint()
         if self.sharded:
-            save_sharded(self.model, self.optimizers, path, state, Path(self.cfg.data), self.world)
+            self.pending = save_sharded(self.model, self.optimizers, path, state, Path(self.cfg.data), self.world,
+                                        self.background)
+            if self.background is None:
+                self.complete_checkpoint()
         else:
             save(self.model, path, tokenizer_dir=self.cfg.data, train_state=state)
+            self.drop_old_checkpoints()
+        return path
+
+    def complete_checkpoint(self) -> None:
+        """Wait for a checkpoint written in the background, if one is, and put it in place."""
+        if self.pending is not None:
+            self.pending()
+            self.pending = None
+            self.drop_old_checkpoints()
+
+    def drop_old_checkpoints(self) -> None:
         if self.world.main:
             for old in self.checkpoints()[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()
-        return path
 
     def resume(self) -> None:
         ckpts = self.checkpoints()
@@ -266,57 +285,6 @@ class Run:
         return texts
 
 
-def optimizer_step(model: Transformer, forward, router_logits: RouterLogits, optimizers: list, batches: list,
-                   cfg: TrainConfig, step: int, autocast, layout: Layout | None = None) -> dict:
-    """One optimizer step over its micro-batches: the loss is the mean over every counted target of the
-    step, so accumulating 4 x 2 sequences equals a batch of 8. `layout`: how the ranks split the work (one
-    process: None). Returns the step's metrics."""
-    layout = layout or Layout()
-    device = batches[0][0].device
-    # every rank's loss is its share of the whole step's mean: the count is over every rank's targets (a
-    # tensor-parallel group's ranks hold the same ones)
-    counted = all_sum(sum(torch.tensor(float(y.numel()), device=device) if m is None else m.sum()
-                          for _, y, m in batches)).clamp(min=1) / layout.tp
-    mult = lr_multiplier(cfg, step)
-    for opt in optimizers:
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * mult
-    loss_sum, aux_sum, z_sum = (torch.zeros((), device=device) for _ in range(3))
-    accum = len(batches)
-    ranks = layout.dp
-    for x, y, mask in batches:
-        # the mean over the whole step's counted targets, folded into per-target weights
-        # (times the ranks: FSDP averages the ranks' gradients, and the step's gradient is their sum)
-        weights = (torch.ones_like(y, dtype=torch.float32) if mask is None else mask) * (ranks / counted)
-        router_logits.take()  # drop what forwards outside this step added (evaluation, samples, recomputation)
-        with autocast:
-            lm = token_loss_sum(model, forward(x), y, weights)
-        balance, z = moe_losses(router_logits.take())
-        loss = lm + (cfg.moe_aux_coef * balance + cfg.moe_z_coef * z) / accum
-        loss.backward()
-        loss_sum += lm.detach() / ranks
-        aux_sum += balance.detach() / accum
-        z_sum += z.detach() / accum
-    norm = clip_grad_norm(model, cfg.grad_clip) if cfg.grad_clip > 0 else loss_sum
-    # summed over the ranks (the MoE losses averaged), then one device-to-host copy for all that is logged
-    logged = all_sum(torch.stack([loss_sum, aux_sum / ranks, z_sum / ranks])) / layout.tp
-    loss_value, aux_value, z_value, norm_value = torch.cat([logged, norm.reshape(1)]).tolist()
-    if not math.isfinite(loss_value):
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        raise TrainingError(f"loss is {loss_value} at step {step + 1}")
-    for opt in optimizers:
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    record = {"step": step + 1, "loss": loss_value, "lr": cfg.lr * mult}
-    if cfg.grad_clip > 0:
-        record["grad_norm"] = norm_value
-    if model.cfg.is_moe:
-        record["moe_aux_loss"] = aux_value
-        record["moe_z_loss"] = z_value
-    return record
-
-
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -388,6 +356,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         if run.stopping():  # asked on any rank: every rank saves (the save is collective)
             path = run.save_checkpoint()
             bar.write(f"stopped by signal at step {run.step}; checkpoint saved to {path}")
+        run.complete_checkpoint()
     finally:
         bar.close()
         for s, handler in previous.items():

@@ -47,6 +47,7 @@ class TrainConfig:
     sample_prompt: str = ""
     ckpt_every: int = 500  # 0: only at the end
     keep_checkpoints: int = 2
+    async_checkpoint: bool = False  # sharded runs: write checkpoints in the background while training goes on
     compile: bool = False
     activation_checkpointing: bool = False
     device: str = "auto"  # auto: cuda if available, else cpu

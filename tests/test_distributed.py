@@ -66,9 +66,11 @@ def test_two_ranks_give_one_process_losses(data_dir, tmp_path, one_process, layo
 
 
 def test_an_expert_parallel_checkpoint_resumes_on_one_rank(data_dir, tmp_path, one_process):
-    args = ["--ckpt-every", "2", *MODELS["moe"]]
-    first = train(data_dir, tmp_path, 2, "--max-steps", "2", "--ep", "2", *args)
+    """Written in the background (DCP's async save) at steps 1 and 2; each is in place once complete."""
+    args = ["--ckpt-every", "1", *MODELS["moe"]]
+    first = train(data_dir, tmp_path, 2, "--max-steps", "2", "--ep", "2", "--async-checkpoint", "true", *args)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000001", "step_0000002"]
     done = train(data_dir, tmp_path, 1, "--max-steps", "4", "--resume", *args)
     assert done.returncode == 0, done.stderr[-3000:]
     assert losses(tmp_path) == pytest.approx(one_process["moe"], rel=1e-5)
