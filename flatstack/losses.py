@@ -14,7 +14,8 @@ def token_loss_sum(model: Transformer, hidden: torch.Tensor, y: torch.Tensor, we
     """Cross-entropy summed over the targets, each weighted (by a loss mask, a 1/count, or both), from the
     final hidden states through the fused LM-head-and-loss op."""
     return linear_cross_entropy(hidden.flatten(0, 1), model.head_weight, y.flatten(),
-                                None if weights is None else weights.flatten(), model.cfg.output_multiplier)
+                                None if weights is None else weights.flatten(), model.cfg.output_multiplier,
+                                model.cfg.final_logit_softcap)
 
 
 class RouterLogits:

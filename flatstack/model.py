@@ -1,4 +1,4 @@
-"""One Transformer for Grok-1, Llama, Mistral, Qwen2/3 and Mixtral, for training and inference alike.
+"""One Transformer for Grok-1, Grok-2, Llama, Mistral, Qwen2/3 and Mixtral, for training and inference alike.
 
 The architectures differ only in switches on `ModelConfig`: how norms wrap each block, the
 feed-forward activation, dense or mixture-of-experts, attention-logit scale and soft cap, q/k norm,
@@ -24,7 +24,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-ACTIVATIONS = {"silu": F.silu, "gelu_tanh": gelu_tanh}
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": gelu_tanh, "gelu": F.gelu}  # gelu: the exact erf form (Grok-2)
 
 
 @dataclass
@@ -37,12 +37,14 @@ class ModelConfig:
     head_dim: int
     ffn_dim: int
     max_seq_len: int = 2048
-    # feed-forward: "silu" (Llama, Qwen, Mixtral) or "gelu_tanh" (Grok-1) gates the up projection
+    # feed-forward: "silu" (Llama, Qwen, Mixtral), "gelu_tanh" (Grok-1) or "gelu" (Grok-2) gates the up projection
     activation: str = "silu"
     # mixture of experts: 0 means a dense feed-forward
     n_experts: int = 0
     experts_per_token: int = 2
     renormalize_topk: bool = True  # Mixtral renormalises the top-k router weights; Grok-1 does not
+    router_logit_softcap: float | None = None  # Grok-2: cap * tanh(logits / cap) before the router's softmax
+    residual_ffn_dim: int = 0  # Grok-2: a dense MLP of this width beside the experts, (mlp + moe) / sqrt(2)
     # norms: "pre" (one RMSNorm before attention and one before the FFN) or "sandwich" (Grok-1:
     # also one after each, before the residual add)
     norm_layout: str = "pre"
@@ -51,11 +53,14 @@ class ModelConfig:
     rope_scaling: dict | None = None  # {"type": "llama3", "factor", "low_freq_factor", ...}
     attn_logit_scale: float | None = None  # None: 1/sqrt(head_dim)
     attn_logit_softcap: float | None = None  # Grok-1: 30 * tanh(logits / 30)
+    # Grok-2: capped logits times log2(p) / log2(L) for a query at 0-based position p > L
+    attn_temperature_len: int | None = None
     sliding_window: int | None = None  # Mistral: each query sees at most this many keys
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
     qkv_bias: bool = False  # Qwen2
     embedding_multiplier: float = 1.0
     output_multiplier: float = 1.0
+    final_logit_softcap: float | None = None  # Grok-2: cap * tanh(logits * output_multiplier / cap)
     tied_embeddings: bool = False
     # token ids the tokenizer treats as special; kept so a checkpoint carries them
     bos_token_id: int | None = None
@@ -74,6 +79,8 @@ class ModelConfig:
             "activation": self.activation in ACTIVATIONS,
             "norm_layout": self.norm_layout in ("pre", "sandwich"),
             "experts_per_token": self.n_experts == 0 or 0 < self.experts_per_token <= self.n_experts,
+            "residual_ffn_dim": self.residual_ffn_dim >= 0 and (self.residual_ffn_dim == 0 or self.is_moe),
+            "attn_temperature_len": self.attn_temperature_len is None or self.attn_temperature_len > 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -107,12 +114,28 @@ GROK1 = ModelConfig(
     embedding_multiplier=78.38367176906169, output_multiplier=0.5773502691896257, tied_embeddings=True,
 )
 
+# xAI's Grok-2 release (config.json of xai-org/grok-2, as SGLang reads it): 8 experts of 16,384 beside a dense
+# MLP of 32,768, soft caps on attention (30), router (30) and output (50), plain RoPE at theta 208,533,496
+GROK2 = ModelConfig(
+    vocab_size=131072, d_model=8192, n_layers=64, n_heads=64, n_kv_heads=8, head_dim=128, ffn_dim=16384,
+    max_seq_len=131072, activation="gelu", n_experts=8, experts_per_token=2, renormalize_topk=False,
+    router_logit_softcap=30.0, residual_ffn_dim=32768, norm_layout="sandwich", rms_norm_eps=1e-5,
+    rope_theta=208533496.0, attn_logit_softcap=30.0, attn_temperature_len=1024,
+    embedding_multiplier=90.50966799187809, output_multiplier=0.5, final_logit_softcap=50.0, tied_embeddings=False,
+)
+
 PRESETS: dict[str, ModelConfig] = {
     "grok-1": GROK1,
     # Grok-1's architecture at the size of the xAI reference fixture; byte-sized vocabulary.
     "grok-1-tiny": replace(
         GROK1, vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
         ffn_dim=344, max_seq_len=256, embedding_multiplier=8.0,
+    ),
+    "grok-2": GROK2,
+    # Grok-2's architecture at a test's size; byte-sized vocabulary, the temperature from position 64
+    "grok-2-tiny": replace(
+        GROK2, vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
+        residual_ffn_dim=256, max_seq_len=256, attn_temperature_len=64, embedding_multiplier=8.0,
     ),
     "llama-3.2-1b": ModelConfig(
         vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
@@ -266,17 +289,18 @@ class Attention(nn.Module):
         # a soft cap or a window: FlexAttention on GPUs, where it never builds the [T, S] logits and has a
         # backward; on the CPU (forward only, and compiled per shape) the reference
         attend = attention.flex if q.device.type == "cuda" else attention.reference
-        return attend(q, k, v, self.scale, cfg.attn_logit_softcap, cfg.sliding_window)
+        return attend(q, k, v, self.scale, cfg.attn_logit_softcap, cfg.sliding_window, cfg.attn_temperature_len)
 
 
 class MLP(nn.Module):
     """Gated feed-forward: down(act(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, width: int | None = None):
         super().__init__()
-        self.w_gate = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
-        self.w_up = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
-        self.w_down = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+        width = width or cfg.ffn_dim
+        self.w_gate = nn.Linear(cfg.d_model, width, bias=False)
+        self.w_up = nn.Linear(cfg.d_model, width, bias=False)
+        self.w_down = nn.Linear(width, cfg.d_model, bias=False)
         self.act = ACTIVATIONS[cfg.activation]
 
     def forward(self, x):
@@ -311,6 +335,8 @@ class MoE(nn.Module):
         weights and stacks in the dtype the expert products run in."""
         cfg = self.cfg
         logits = self.router(x).float()  # routing in float32, as both references do
+        if cfg.router_logit_softcap is not None:
+            logits = cfg.router_logit_softcap * torch.tanh(logits / cfg.router_logit_softcap)
         probs = torch.softmax(logits, dim=-1)
         weights, experts = probs.topk(cfg.experts_per_token, dim=-1)
         if cfg.renormalize_topk:
@@ -336,6 +362,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe else MLP(cfg)
+        if cfg.residual_ffn_dim:
+            self.mlp = MLP(cfg, cfg.residual_ffn_dim)
         if self.sandwich:
             self.post_attn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
             self.post_ffn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
@@ -345,7 +373,8 @@ class Block(nn.Module):
         if self.sandwich:
             h = self.post_attn_norm(h)
         x = x + h
-        h = self.ffn(self.ffn_norm(x))
+        h = self.ffn_norm(x)
+        h = self.ffn(h) if not hasattr(self, "mlp") else (self.ffn(h) + self.mlp(h)) * 2**-0.5
         if self.sandwich:
             h = self.post_ffn_norm(h)
         return x + h
@@ -398,8 +427,12 @@ class Transformer(nn.Module):
     def logits(self, hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """The LM head: final hidden states [..., D] -> logits [..., V]; `head` is a replacement product
         for the head's weight (the engine's fused or quantised one)."""
+        cfg = self.cfg
         logits = F.linear(hidden, self.head_weight) if head is None else head(hidden)
-        return logits * self.cfg.output_multiplier if self.cfg.output_multiplier != 1.0 else logits
+        logits = logits * cfg.output_multiplier if cfg.output_multiplier != 1.0 else logits
+        if cfg.final_logit_softcap is not None:
+            logits = cfg.final_logit_softcap * torch.tanh(logits / cfg.final_logit_softcap)
+        return logits
 
     def hidden(self, tokens: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
         """tokens [B, T] at positions start.. -> the final normed hidden states [B, T, D], before the LM

@@ -94,6 +94,66 @@ def tokenizer_from_gguf(meta: dict) -> Tokenizer:
     return tok
 
 
+# tiktoken's split patterns the Grok-2 release names by `word_split` (SGLang's tiktoken_tokenizer.py: PAT_STR_B)
+TIKTOKEN_SPLITS = {
+    "V1": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+          r"|\s+(?!\S)|\s+",
+}
+# Grok-2's chat format, as SGLang's template writes it: "Human: ...<|separator|>\n\n", then "Assistant:"
+GROK2_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}Human: {{ m['content'] | trim }}"
+    "{% elif m['role'] == 'system' %}System: {{ m['content'] | trim }}"
+    "{% else %}Assistant: {{ m['content'] }}{% endif %}<|separator|>\n\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def tokenizer_from_tiktoken(data: dict) -> Tokenizer:
+    """A tiktoken-style vocabulary (the Grok-2 release's tokenizer.tok.json: `regular_tokens` and
+    `special_tokens`, each {"token": id, "bytes": [...]}, and `word_split` or `pat_str`) as a byte-level BPE:
+    a token's rank is its id, and BPE that merges the lowest-ranked pair first is BPE with every split of
+    every token as a merge, ordered by the merged token's rank (as transformers converts tiktoken files)."""
+    pattern = data.get("pat_str") or TIKTOKEN_SPLITS.get(data.get("word_split", "V1"))
+    if pattern is None:
+        raise TokenizerError(f"tokenizer.tok.json word_split {data.get('word_split')!r} is unknown; known: "
+                             f"{', '.join(TIKTOKEN_SPLITS)}")
+    byte_symbol = dict(zip(range(256), bytes_to_symbols(), strict=True))
+    ranks = {bytes(t["bytes"]): t["token"] for t in data["regular_tokens"]}
+    vocab = {"".join(byte_symbol[b] for b in token): rank for token, rank in ranks.items()}
+    merges = []
+    for token, rank in ranks.items():
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], left, right))
+    merges.sort()
+    symbols = [("".join(byte_symbol[b] for b in a), "".join(byte_symbol[b] for b in b_)) for *_, a, b_ in merges]
+    specials = {bytes(t["bytes"]).decode("utf-8"): t["token"] for t in data.get("special_tokens", [])}
+    clash = set(specials.values()) & set(vocab.values())
+    if clash:
+        raise TokenizerError(f"tokenizer.tok.json gives id {min(clash)} to a regular and a special token")
+    # the special tokens keep their own ids: in the vocabulary, then marked special (never split)
+    tok = Tokenizer(models.BPE(vocab={**vocab, **specials}, merges=symbols, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(text, special=True, normalized=False) for text in specials])
+    return tok
+
+
+def bytes_to_symbols() -> list[str]:
+    """GPT-2's printable symbol for each byte 0..255 (what the ByteLevel pre-tokenizer emits)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            symbols[b] = chr(b)
+        else:
+            symbols[b] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A tokenizer.json, or a folder (a checkpoint or data folder) that holds one."""
     p = Path(path)

@@ -22,7 +22,8 @@ from flatstack.checkpoint import convert
 COMMON = ["--seq-len", "32", "--batch-size", "4", "--warmup-steps", "2", "--eval-tokens", "512", "--samples", "0",
           "--progress", "false", "--threads", "1", "--moe-aux-coef", "0", "--moe-z-coef", "0", "--dist-timeout", "60"]
 MODELS = {"dense": ["--model", "grok-1-tiny", "--n-experts", "0", "--ffn-dim", "128"],
-          "moe": ["--model", "grok-1-tiny", "--optimizer", "muon"]}
+          "moe": ["--model", "grok-1-tiny", "--optimizer", "muon"],
+          "grok2": ["--model", "grok-2-tiny", "--n-layers", "1"]}
 
 
 def train(data: Path, out: Path, nproc: int, *args: str) -> subprocess.CompletedProcess:
@@ -40,7 +41,8 @@ def losses(out: Path) -> list[float]:
 # 2 ranks: FSDP2 alone, expert parallel (each rank 4 of the 8 experts), tensor parallel (the two ranks split each
 # block and read the same rows); each against one process on the same global batch
 LAYOUTS = {"dense": ("dense", []), "moe": ("moe", []), "moe-ep": ("moe", ["--ep", "2"]),
-           "dense-tp": ("dense", ["--tp", "2"]), "moe-tp": ("moe", ["--tp", "2"])}
+           "dense-tp": ("dense", ["--tp", "2"]), "moe-tp": ("moe", ["--tp", "2"]),
+           "grok2-tp": ("grok2", ["--tp", "2"])}
 
 
 @pytest.fixture(scope="module")

@@ -7,18 +7,19 @@ from flatstack.kernels import linear_cross_entropy as lce
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
-@pytest.mark.parametrize("scale", [1.0, 0.577])
-def test_linear_cross_entropy_matches_reference(with_mask, scale, monkeypatch):
-    """Row weights stand for a loss mask divided by the number of counted rows."""
+@pytest.mark.parametrize(("scale", "softcap"), [(1.0, None), (0.577, None), (0.5, 2.0)])
+def test_linear_cross_entropy_matches_reference(with_mask, scale, softcap, monkeypatch):
+    """Row weights stand for a loss mask divided by the number of counted rows; a soft cap (Grok-2's final
+    one, low enough here that it bends most logits) caps the scaled logits."""
     monkeypatch.setattr(lce, "CHUNK_ELEMENTS", 7 * 50)  # several chunks, the last one short
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(23, 16, generator=gen, requires_grad=True)
     w = torch.randn(50, 16, generator=gen, requires_grad=True)
     t = torch.randint(0, 50, (23,), generator=gen)
     mask = (torch.rand(23, generator=gen) > 0.4).float() / 9 if with_mask else None
-    ref = lce.reference(h, w, t, mask, scale)
+    ref = lce.reference(h, w, t, mask, scale, softcap)
     ref_grads = torch.autograd.grad(ref * 1.7, (h, w))
-    ours = lce.linear_cross_entropy(h, w, t, mask, scale)
+    ours = lce.linear_cross_entropy(h, w, t, mask, scale, softcap)
     grads = torch.autograd.grad(ours * 1.7, (h, w))
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-5)
     for a, b in zip(grads, ref_grads, strict=True):

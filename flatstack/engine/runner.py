@@ -109,8 +109,13 @@ class PagedBatch:
             lengths.append(end)
         self.positions = torch.cat(positions).to(device)
         self.new_slots = torch.cat(new_slots).to(device)
-        # the leading one-token entries (the scheduler puts decodes first) attend together, as decodes
-        self.num_decodes = d = next((i for i, e in enumerate(step) if len(e.tokens) != 1), len(step))
+        # the leading one-token entries (the scheduler puts decodes first) attend together, as decodes; with
+        # Grok-2's attention temperature, which the decode and packed kernels do not apply, each entry attends
+        # alone through the model's own attention
+        tempered = cfg.attn_logit_softcap is not None and cfg.attn_temperature_len is not None
+        self.num_decodes = d = 0 if tempered else next((i for i, e in enumerate(step) if len(e.tokens) != 1),
+                                                       len(step))
+        packed = packed and not tempered
         self.chunks = [(tables[i].to(device), lengths[i], len(e.tokens)) for i, e in enumerate(step) if i >= d]
         self.packed = packed_chunks(positions[d:], tables[d:], bs, device, self.window) \
             if packed and self.chunks else None
@@ -157,7 +162,7 @@ def swap_linears(model: Transformer, kind: str) -> nn.Module:
     nn.Linear in the blocks; returns the LM head's. MoE expert stacks and routers stay as they are."""
     make = LINEARS[kind]
     for block in model.layers:
-        for parent in (block.attn, block.ffn):
+        for parent in (block.attn, block.ffn, *([block.mlp] if hasattr(block, "mlp") else [])):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, make(child.weight.data, None if child.bias is None else child.bias.data))
@@ -165,7 +170,10 @@ def swap_linears(model: Transformer, kind: str) -> nn.Module:
 
 
 def graph_safe(model: Transformer) -> bool:
-    """Whether a decode step can be captured: no host sync inside (an MoE's experts grouped, kernels/moe.py)."""
+    """Whether a decode step can be captured: no host sync inside (an MoE's experts grouped, kernels/moe.py),
+    and attention the decode kernels compute (not Grok-2's temperature)."""
+    if model.cfg.attn_temperature_len is not None:
+        return False
     if not model.cfg.is_moe:
         return True
     ffn = model.layers[0].ffn

@@ -33,7 +33,8 @@ TIMEOUT = datetime.timedelta(minutes=30)  # a rank loading a large checkpoint ma
 
 def check_divisible(model: Transformer, tp: int) -> None:
     cfg = model.cfg
-    for name, value in (("n_kv_heads", cfg.n_kv_heads), ("ffn_dim", cfg.ffn_dim)):
+    for name, value in (("n_kv_heads", cfg.n_kv_heads), ("ffn_dim", cfg.ffn_dim),
+                        ("residual_ffn_dim", cfg.residual_ffn_dim)):
         if value % tp:
             raise ValueError(f"tensor parallel over {tp} ranks needs {name} ({value}) divisible by {tp}")
 
@@ -52,14 +53,18 @@ def shard_model(model: Transformer, rank: int, tp: int) -> None:
             keep(ffn, "w_gate", 1, rank, tp)
             keep(ffn, "w_up", 1, rank, tp)
             keep(ffn, "w_down", 2, rank, tp)
-        else:
-            keep(ffn.w_gate, "weight", 0, rank, tp)
-            keep(ffn.w_up, "weight", 0, rank, tp)
-            keep(ffn.w_down, "weight", 1, rank, tp)
+        residual = getattr(block, "mlp", None)  # Grok-2's dense MLP beside the experts
+        for mlp in ([] if isinstance(ffn, MoE) else [ffn]) + ([residual] if residual is not None else []):
+            keep(mlp.w_gate, "weight", 0, rank, tp)
+            keep(mlp.w_up, "weight", 0, rank, tp)
+            keep(mlp.w_down, "weight", 1, rank, tp)
+        if residual is not None:
+            residual.register_forward_hook(sum_over_ranks)
         attn.register_forward_hook(sum_over_ranks)
         ffn.register_forward_hook(sum_over_ranks)
     cfg = model.cfg
-    model.cfg = replace(cfg, n_heads=cfg.n_heads // tp, n_kv_heads=cfg.n_kv_heads // tp, ffn_dim=cfg.ffn_dim // tp)
+    model.cfg = replace(cfg, n_heads=cfg.n_heads // tp, n_kv_heads=cfg.n_kv_heads // tp, ffn_dim=cfg.ffn_dim // tp,
+                        residual_ffn_dim=cfg.residual_ffn_dim // tp)
 
 
 def keep(module: nn.Module, name: str, dim: int, rank: int, tp: int) -> None:

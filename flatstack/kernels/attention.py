@@ -18,6 +18,7 @@ rows of one matmul, so keys and values are never repeated per query head.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -32,10 +33,17 @@ def causal_mask(T: int, S: int, window: int | None, device) -> torch.Tensor:
     return mask
 
 
+def temperature(T: int, S: int, length: int, device) -> torch.Tensor:
+    """Grok-2's attention temperature [T] for the last T of S positions: log2(p) / log2(length) for a query at
+    0-based position p > length, else 1 (SGLang's extend and decode attention kernels)."""
+    p = torch.arange(S - T, S, device=device, dtype=torch.float32)
+    return torch.where(p > length, torch.log2(p.clamp(min=1)) / math.log2(length), torch.ones_like(p))
+
+
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, softcap: float | None = None,
-              window: int | None = None) -> torch.Tensor:
+              window: int | None = None, temperature_len: int | None = None) -> torch.Tensor:
     """q [B, H, T, D]; k, v [B, Hkv, S, D]; the T queries are the last T of the S positions -> [B, H, T, D].
-    Logits and softmax in float32."""
+    Logits and softmax in float32; the temperature multiplies the capped logits."""
     B, H, T, D = q.shape
     S, Hkv = k.shape[2], k.shape[1]
     group = H // Hkv
@@ -43,6 +51,8 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s
     logits = logits.view(B, Hkv, group, T, S)
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
+    if temperature_len is not None:
+        logits = logits * temperature(T, S, temperature_len, q.device)[:, None]
     probs = torch.softmax(logits.masked_fill(~causal_mask(T, S, window, q.device), float("-inf")), dim=-1)
     return (probs.to(v.dtype).view(B, Hkv, group * T, S) @ v).view(B, H, T, D)
 
@@ -84,12 +94,25 @@ def causal_block_mask(T: int, S: int, window: int | None, device: str):
 
 
 def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, softcap: float | None = None,
-         window: int | None = None) -> torch.Tensor:
+         window: int | None = None, temperature_len: int | None = None) -> torch.Tensor:
     """`reference` through FlexAttention: q [B, H, T, D]; k, v [B, Hkv, S, D] -> [B, H, T, D]."""
     T, S = q.shape[2], k.shape[2]
-    return compiled_flex()(q, k, v, score_mod=None if softcap is None else softcap_score(softcap),
+    score_mod = None if softcap is None else softcap_score(softcap)
+    if temperature_len is not None:
+        score_mod = tempered_score(score_mod, temperature(T, S, temperature_len, q.device))
+    return compiled_flex()(q, k, v, score_mod=score_mod,
                            block_mask=causal_block_mask(T, S, window, str(q.device)), scale=scale,
                            enable_gqa=q.shape[1] != k.shape[1])
+
+
+def tempered_score(score_mod, tau: torch.Tensor):
+    """`score_mod` (the soft cap, or none), then times each query's temperature `tau` [T]."""
+
+    def tempered(score, b, h, q_idx, kv_idx):
+        capped = score if score_mod is None else score_mod(score, b, h, q_idx, kv_idx)
+        return capped * tau[q_idx]
+
+    return tempered
 
 
 def bucket(n: int, least: int) -> int:

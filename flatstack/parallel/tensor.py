@@ -18,12 +18,15 @@ def apply_tensor_parallel(model: Transformer, mesh: DeviceMesh) -> None:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     cfg, tp = model.cfg, mesh.size()
-    for name, value in (("n_kv_heads", cfg.n_kv_heads), ("ffn_dim", cfg.ffn_dim)):
+    for name, value in (("n_kv_heads", cfg.n_kv_heads), ("ffn_dim", cfg.ffn_dim),
+                        ("residual_ffn_dim", cfg.residual_ffn_dim)):
         if value % tp:
             raise ValueError(f"tensor parallel over {tp} ranks needs {name} ({value}) divisible by {tp}")
     plan = {"attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(), "attn.wv": ColwiseParallel(),
             "attn.wo": RowwiseParallel()}
     for block in model.layers:
-        mlp = {"ffn.w_gate": ColwiseParallel(), "ffn.w_up": ColwiseParallel(), "ffn.w_down": RowwiseParallel()} \
-            if isinstance(block.ffn, MLP) else {}
+        mlps = [name for name in ("ffn", "mlp") if isinstance(getattr(block, name, None), MLP)]  # mlp: Grok-2's
+        mlp = {f"{name}.{w}": style for name in mlps
+               for w, style in (("w_gate", ColwiseParallel()), ("w_up", ColwiseParallel()),
+                                ("w_down", RowwiseParallel()))}
         parallelize_module(block, mesh, {**plan, **mlp})
