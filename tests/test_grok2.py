@@ -79,6 +79,7 @@ def test_converted_engine_and_tensor_parallel_agree(release, tmp_path):
     prompts = [TOKENS, TOKENS[:12] + [9, 9, 9]]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     llm = LLM(native, max_num_batched_tokens=8, block_size=4)
+    assert llm.apply_chat_template([{"role": "user", "content": " hi "}]) == "Human: hi<|separator|>\n\nAssistant:"
     outs = [o.token_ids for o in llm.generate(prompts, params)]
     model = flatstack.load(native)
     for prompt, got in zip(prompts, outs, strict=True):

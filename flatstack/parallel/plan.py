@@ -144,7 +144,7 @@ def split_params(cfg: ModelConfig) -> tuple[int, int, int, int]:
         n = p.numel()
         expert = cfg.is_moe and ".ffn.w_" in name
         active = n * cfg.experts_per_token // cfg.n_experts if expert else n
-        if ".attn.w" in name or ".ffn.w_" in name:
+        if ".attn.w" in name or ".ffn.w_" in name or ".mlp.w_" in name:  # mlp: Grok-2's, beside the experts
             split, split_active = split + n, split_active + active
         else:
             whole, whole_active = whole + n, whole_active + active
@@ -153,11 +153,20 @@ def split_params(cfg: ModelConfig) -> tuple[int, int, int, int]:
     return split, whole, split_active, whole_active
 
 
+MIN_CONTEXTS = 16  # a default serving layout leaves room for at least this many full contexts per replica
+
+
 def serving_tp(cfg: ModelConfig, gpus: int, card: Card, context: int) -> int:
     """The smallest tensor-parallel group (a divisor of the GPUs that splits the KV heads and the hidden
-    units evenly) whose weights and one sequence's cache fit a GPU, or else the largest."""
-    ok = [t for t in range(1, gpus + 1) if gpus % t == 0 and cfg.n_kv_heads % t == 0 and cfg.ffn_dim % t == 0]
-    return next((t for t in ok if serving_bytes(cfg, t, context)[2] <= card.hbm_bytes), ok[-1])
+    units evenly) whose GPUs hold the weights and MIN_CONTEXTS full contexts of cache, or else the largest."""
+    ok = [t for t in range(1, gpus + 1) if gpus % t == 0 and cfg.n_kv_heads % t == 0 and cfg.ffn_dim % t == 0
+          and cfg.residual_ffn_dim % t == 0]
+
+    def room(t: int) -> int:
+        weights, kv, _ = serving_bytes(cfg, t, context)
+        return weights + MIN_CONTEXTS * kv
+
+    return next((t for t in ok if room(t) <= card.hbm_bytes), ok[-1])
 
 
 def serving_bytes(cfg: ModelConfig, tp: int, context: int) -> tuple[int, int, int]:
