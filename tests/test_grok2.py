@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import flatstack
 from flatstack.checkpoint import CheckpointError, convert, tokenizer_files
 from flatstack.engine import LLM, SamplingParams
+from flatstack.engine.runner import ModelRunner
 from flatstack.model import model_stats, preset
 from flatstack.tokenizer import TIKTOKEN_SPLITS, bytes_to_symbols, tokenizer_from_tiktoken, train_bpe
 
@@ -88,6 +89,11 @@ def test_converted_engine_and_tensor_parallel_agree(release, tmp_path):
             for _ in range(6):
                 seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
         assert got == seq[len(prompt):]
+    # the GPU runner's paths on the CPU: prompt chunks packed into one FlexAttention call, the temperature
+    # per query token
+    packed = LLM(native, max_num_batched_tokens=8, block_size=4)
+    packed.runner = ModelRunner(packed.model, len(packed.blocks.blocks), 4, gpu_paths=True)
+    assert packed.runner.packed and [o.token_ids for o in packed.generate(prompts, params)] == outs
     tp = LLM(folder, tp=2, max_num_batched_tokens=8, block_size=4)
     try:
         assert [o.token_ids for o in tp.generate(prompts, params)] == outs

@@ -182,9 +182,9 @@ def test_ctrl_c_saves_and_exits_cleanly(data_dir, tmp_path):
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(data_dir, tmp_path, monkeypatch):
-    import flatstack.train as train_mod
+    import flatstack.train_step as step_mod
 
-    real = train_mod.token_loss_sum
+    real = step_mod.token_loss_sum
     calls = []
 
     def poisoned(*args):
@@ -192,7 +192,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(data_dir, tmp_pat
         loss = real(*args)
         return loss * float("nan") if len(calls) > 6 and torch.is_grad_enabled() else loss
 
-    monkeypatch.setattr(train_mod, "token_loss_sum", poisoned)
+    monkeypatch.setattr(step_mod, "token_loss_sum", poisoned)
     cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / "r"), max_steps=20, ckpt_every=3, eval_every=0,
                       **SMALL)
     with pytest.raises(TrainingError, match=r"loss is nan at step 7.*step_0000006"):

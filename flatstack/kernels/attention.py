@@ -144,12 +144,16 @@ def packed_mask(q_seq: torch.Tensor, q_pos: torch.Tensor, k_seq: torch.Tensor, k
 
 
 def packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, scale: float,
-           softcap: float | None = None) -> torch.Tensor:
-    """q [1, H, T, D], k, v [1, Hkv, S, D] as `packed_mask` describes them -> [1, H, T, D]."""
+           softcap: float | None = None, tau: torch.Tensor | None = None) -> torch.Tensor:
+    """q [1, H, T, D], k, v [1, Hkv, S, D] as `packed_mask` describes them -> [1, H, T, D]; `tau` [T]: each
+    query's temperature (Grok-2)."""
     T, S = q.shape[2], k.shape[2]
     Tp, Sp = block_mask.seq_lengths
     pad = torch.nn.functional.pad
     q, k, v = pad(q, (0, 0, 0, Tp - T)), pad(k, (0, 0, 0, Sp - S)), pad(v, (0, 0, 0, Sp - S))
-    out = compiled_flex()(q, k, v, score_mod=None if softcap is None else softcap_score(softcap),
+    score_mod = None if softcap is None else softcap_score(softcap)
+    if tau is not None:
+        score_mod = tempered_score(score_mod, pad(tau, (0, Tp - T), value=1.0))
+    out = compiled_flex()(q, k, v, score_mod=score_mod,
                           block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return out[:, :, :T]
