@@ -16,6 +16,7 @@ import flatstack
 from flatstack.checkpoint import CheckpointError, convert, tokenizer_files
 from flatstack.engine import LLM, SamplingParams
 from flatstack.engine.runner import ModelRunner
+from flatstack.engine.tensor_parallel import load_shard, shard_model
 from flatstack.model import model_stats, preset
 from flatstack.tokenizer import TIKTOKEN_SPLITS, bytes_to_symbols, tokenizer_from_tiktoken, train_bpe
 
@@ -99,6 +100,19 @@ def test_converted_engine_and_tensor_parallel_agree(release, tmp_path):
         assert [o.token_ids for o in tp.generate(prompts, params)] == outs
     finally:
         tp.close()
+
+
+def test_a_tensor_parallel_rank_reads_only_its_slices(release, tmp_path):
+    """Rank 0 of 2 needs the release's TP-000 file alone (its experts' first halves): with TP-001 gone it
+    still loads, equal to the whole model cut; the whole model names the missing file."""
+    folder = broken(release, tmp_path, lambda f: (f / "pytorch_model-00001-TP-001.safetensors").unlink())
+    with pytest.raises(CheckpointError, match="TP-001"):
+        flatstack.load(folder)
+    whole = flatstack.load(release[0])
+    shard_model(whole, 0, 2)
+    shard = load_shard(folder, 0, 2, None, "cpu").state_dict()
+    for (name, want), got in zip(whole.state_dict().items(), shard.values(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
 
 
 def direct_bpe(text: str, data: dict) -> list[int]:

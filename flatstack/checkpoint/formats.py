@@ -64,20 +64,26 @@ def load(
 
     dtype None keeps the stored dtype; device None is the CPU.
     """
+    return build_model(*read_tensors(path), dtype, device)
+
+
+def read_tensors(path: str | os.PathLike, part: tuple[int, int] | None = None) -> tuple[ModelConfig, dict]:
+    """A checkpoint's config and native tensors (memory-mapped where the format allows). `part` (rank, of):
+    a format cut for tensor parallel (the Grok-2 release) reads only that rank's share of what it cut; other
+    tensors come whole, for the caller to slice."""
     kind, folder = detect_format(path), Path(path)
     if kind == "gguf":
         cfg, tensors, _ = read_gguf(folder)
-    elif kind == "native":
-        cfg, tensors = native_config(read_json(folder / "config.json"), folder), read_safetensors(folder)
-    elif kind == "dcp":
-        cfg, tensors = read_dcp(folder)
-    elif kind == "grok2":
+        return cfg, tensors
+    if kind == "native":
+        return native_config(read_json(folder / "config.json"), folder), read_safetensors(folder)
+    if kind == "dcp":
+        return read_dcp(folder)
+    if kind == "grok2":
         cfg = release_config(folder)
-        tensors = read_grok2(folder, cfg)
-    else:
-        cfg = config_from_hf(read_json(folder / "config.json"))
-        tensors = hf_tensors_to_native(read_safetensors(folder), cfg)
-    return build_model(cfg, tensors, dtype, device)
+        return cfg, read_grok2(folder, cfg, part)
+    cfg = config_from_hf(read_json(folder / "config.json"))
+    return cfg, hf_tensors_to_native(read_safetensors(folder), cfg)
 
 
 def tokenizer_files(path: str | os.PathLike) -> dict[str, str]:

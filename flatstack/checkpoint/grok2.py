@@ -106,9 +106,9 @@ def grok2_config(raw: dict) -> ModelConfig:
                        extra={"source_architecture": "Grok-2 (Grok1ForCausalLM)"})
 
 
-def shard_files(folder: Path, cfg: ModelConfig) -> tuple[list[Path], list[list[Path]]]:
-    """The -TP-common files and, per rank, its files. The number of ranks is what rank 0's slices say (the
-    experts' width over a slice's); a rank file missing beside the others is named."""
+def shard_files(folder: Path, cfg: ModelConfig) -> tuple[list[Path], dict[int, list[Path]], int]:
+    """The -TP-common files, each rank's files, and the number of ranks the release was cut for: what rank 0's
+    slices say (the experts' width over a slice's)."""
     common, by_rank = [], {}
     for p in sorted(folder.iterdir()):
         m = SHARD.fullmatch(p.name)
@@ -119,19 +119,40 @@ def shard_files(folder: Path, cfg: ModelConfig) -> tuple[list[Path], list[list[P
     with safe_open(str(by_rank[0][0]), "pt") as f:
         w1 = next((n for n in f.keys() if n.endswith(".w1.weight")), None)  # noqa: SIM118
         rows = f.get_slice(w1).get_shape()[0] if w1 else cfg.ffn_dim
-    tp = max(1, cfg.ffn_dim // rows)
+    return common, by_rank, max(1, cfg.ffn_dim // rows)
+
+
+def rank_files(folder: Path, by_rank: dict[int, list[Path]], ranks: range, of: int) -> list[list[Path]]:
+    """The files of `ranks` (of `of`), each rank with as many as rank 0; a missing one is named."""
     numbers = {SHARD.fullmatch(p.name)[1] for p in by_rank[0]}
-    for rank in range(tp):
+    for rank in ranks:
         have = {SHARD.fullmatch(p.name)[1] for p in by_rank.get(rank, [])}
         for n in sorted(numbers - have):
-            raise CheckpointError(f"{folder} lacks pytorch_model-{n}-TP-{rank:03d}.safetensors (rank {rank} of {tp})")
-    return common, [by_rank[r] for r in range(tp)]
+            raise CheckpointError(f"{folder} lacks pytorch_model-{n}-TP-{rank:03d}.safetensors (rank {rank} of {of})")
+    return [by_rank[r] for r in ranks]
 
 
-def read_grok2(folder: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def read_grok2(folder: Path, cfg: ModelConfig, part: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
     """Native tensors from the release, one tensor at a time: whole ones as they are (memory-mapped), expert
-    matrices joined from the ranks' slices and stacked per layer."""
-    common, ranks = shard_files(folder, cfg)
+    matrices joined from the ranks' slices and stacked per layer. `part` (rank, of): only that tensor-parallel
+    rank's share of each expert's hidden units, read from the release files that hold it, never joined whole."""
+    common, by_rank, cut = shard_files(folder, cfg)
+    rank, of = part or (0, 1)
+    width, piece = cfg.ffn_dim // of, cfg.ffn_dim // cut  # the share wanted; what one release file holds
+    first, last = rank * width // piece, ((rank + 1) * width - 1) // piece  # the release files it spans
+    files = rank_files(folder, by_rank, range(first, last + 1), cut)
+    out = read_common(common)
+    slices = expert_slices(files, cfg, cut)
+    for layer in range(cfg.n_layers):  # joined and stacked a layer at a time: one layer's copy at most in flight
+        for w, native in EXPERT_NAME.items():
+            dim = EXPERT_DIM[w]
+            out[f"layers.{layer}.ffn.{native}"] = torch.stack(
+                [torch.cat(slices.pop((layer, e, w)), dim=dim).narrow(dim, rank * width - first * piece, width)
+                 for e in range(cfg.n_experts)])
+    return out
+
+
+def read_common(common: list[Path]) -> dict[str, torch.Tensor]:
     patterns = [(re.compile(p), n) for p, n in NAMES]
     out: dict[str, torch.Tensor] = {}
     for path in common:
@@ -141,17 +162,13 @@ def read_grok2(folder: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
                 if native is None:
                     raise CheckpointError(f"unexpected tensor {name!r} in {path.name}")
                 out[native] = f.get_tensor(name)
-    slices = expert_slices(ranks, cfg)
-    for layer in range(cfg.n_layers):  # joined and stacked a layer at a time: one layer's copy at most in flight
-        for w, native in EXPERT_NAME.items():
-            out[f"layers.{layer}.ffn.{native}"] = torch.stack(
-                [torch.cat(slices.pop((layer, e, w)), dim=EXPERT_DIM[w]) for e in range(cfg.n_experts)])
     return out
 
 
-def expert_slices(ranks: list[list[Path]], cfg: ModelConfig) -> dict[tuple, list[torch.Tensor]]:
-    """Per (layer, expert, w1|w2|w3), the ranks' slices in rank order (memory-mapped), their shapes checked."""
+def expert_slices(ranks: list[list[Path]], cfg: ModelConfig, cut: int) -> dict[tuple, list[torch.Tensor]]:
+    """Per (layer, expert, w1|w2|w3), the given ranks' slices in rank order (memory-mapped), shapes checked."""
     slices: dict[tuple, list] = {}
+    part = cfg.ffn_dim // cut
     for files in ranks:
         for path in files:
             with safe_open(str(path), "pt") as f:
@@ -160,11 +177,10 @@ def expert_slices(ranks: list[list[Path]], cfg: ModelConfig) -> dict[tuple, list
                     if m is None:
                         raise CheckpointError(f"unexpected tensor {name!r} in {path.name} (rank files hold experts)")
                     t, w = f.get_tensor(name), m[3]
-                    part = cfg.ffn_dim // len(ranks)
                     want = (part, cfg.d_model) if w != "w2" else (cfg.d_model, part)
                     if tuple(t.shape) != want:
                         raise CheckpointError(f"{path.name}: {name} has shape {tuple(t.shape)}; expected {want} "
-                                              f"(a 1/{len(ranks)} slice)")
+                                              f"(a 1/{cut} slice)")
                     slices.setdefault((int(m[1]), int(m[2]), w), []).append(t)
     for key in ((la, e, w) for la in range(cfg.n_layers) for e in range(cfg.n_experts) for w in EXPERT_NAME):
         if len(slices.get(key, [])) != len(ranks):

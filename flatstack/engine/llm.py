@@ -24,7 +24,7 @@ from flatstack.engine.runner import ModelRunner, kv_bytes_per_token
 from flatstack.engine.sampling import RequestError, SamplingParams
 from flatstack.engine.scheduler import Scheduler
 from flatstack.engine.sequence import Sequence
-from flatstack.engine.tensor_parallel import Ranks, shard_model
+from flatstack.engine.tensor_parallel import Ranks, load_shard, rank_device, shard_model
 from flatstack.model import Transformer
 from flatstack.tokenizer import EOS, IM_END, chat_template_of, render_chat
 
@@ -50,9 +50,13 @@ class LLM:
         # tensor parallel: the other ranks start loading their shards while this one loads its own
         self.ranks = Ranks(model, asdict(config), config.tp) if config.tp > 1 else None
         try:
+            if self.ranks is not None and not isinstance(model, Transformer):  # this rank's share, read alone
+                source = model
+                model = load_shard(source, 0, config.tp, config.torch_dtype, rank_device(config.device, 0))
+                tokenizer = tokenizer if tokenizer is not None else source
+            elif self.ranks is not None:
+                shard_model(model, 0, config.tp)
             self.model, self.tokenizer, files = load_model_and_tokenizer(model, tokenizer, config)
-            if self.ranks is not None:
-                shard_model(self.model, 0, config.tp)
             num_blocks = self.kv_blocks()
             if self.ranks is not None:
                 self.ranks.send(num_blocks)

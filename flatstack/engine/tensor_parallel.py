@@ -67,6 +67,28 @@ def shard_model(model: Transformer, rank: int, tp: int) -> None:
                         residual_ffn_dim=cfg.residual_ffn_dim // tp)
 
 
+def load_shard(path, rank: int, tp: int, dtype: torch.dtype | None, device: torch.device) -> Transformer:
+    """Rank `rank`'s share of the checkpoint at `path`, never the whole model in memory: the model is laid out
+    on the meta device and cut (`shard_model`), then each tensor is read (memory-mapped) and narrowed to the
+    shard's shape. A checkpoint cut for tensor parallel (the Grok-2 release) gives this rank's slices from
+    the files that hold them."""
+    from flatstack.checkpoint import read_tensors
+
+    cfg, tensors = read_tensors(path, part=(rank, tp))
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    shard_model(model, rank, tp)
+    state = {}
+    for name, p in model.state_dict().items():
+        t = tensors.pop(name)
+        for dim, (have, want) in enumerate(zip(t.shape, p.shape, strict=True)):
+            if have != want:
+                t = t.narrow(dim, rank * want, want)
+        state[name] = t.to(device=device, dtype=dtype or t.dtype, copy=True)
+    model.load_state_dict(state, assign=True)
+    return model.eval().requires_grad_(False)
+
+
 def keep(module: nn.Module, name: str, dim: int, rank: int, tp: int) -> None:
     """Replace parameter `name` by its `rank`-th of `tp` slices along `dim` (a copy: the whole is freed)."""
     p = getattr(module, name)
@@ -144,7 +166,6 @@ def receive():
 
 def serve_rank(rank: int, tp: int, port: int, source, settings: dict) -> None:
     """A rank other than 0: load the model, keep this rank's shard, then run every step rank 0 sends."""
-    from flatstack.checkpoint import load
     from flatstack.engine.config import EngineConfig
     from flatstack.engine.runner import ModelRunner
 
@@ -152,8 +173,11 @@ def serve_rank(rank: int, tp: int, port: int, source, settings: dict) -> None:
     device = rank_device(config.device, rank)
     share_cores(device, tp)
     join(rank, tp, port, device)
-    model = source if isinstance(source, Transformer) else load(source, dtype=config.torch_dtype, device=device)
-    shard_model(model, rank, tp)
+    if isinstance(source, Transformer):
+        model = source
+        shard_model(model, rank, tp)
+    else:
+        model = load_shard(source, rank, tp, config.torch_dtype, device)
     num_blocks = receive()
     if num_blocks is None:  # rank 0 failed before the engine started
         return
