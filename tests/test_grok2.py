@@ -2,6 +2,7 @@
 deliberate mistake caught, the same logits through a converted checkpoint, the engine and 2-rank tensor
 parallel; the tiktoken-style tokenizer rebuilt; bad release folders named."""
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -17,8 +18,8 @@ from flatstack.checkpoint import CheckpointError, convert, tokenizer_files
 from flatstack.engine import LLM, SamplingParams
 from flatstack.engine.runner import ModelRunner
 from flatstack.engine.tensor_parallel import load_shard, shard_model
-from flatstack.model import model_stats, preset
-from flatstack.tokenizer import TIKTOKEN_SPLITS, bytes_to_symbols, tokenizer_from_tiktoken, train_bpe
+from flatstack.model import ModelConfig, Transformer, model_stats, preset
+from flatstack.tokenizer import TIKTOKEN_SPLITS, byte_tokenizer, bytes_to_symbols, tokenizer_from_tiktoken, train_bpe
 
 SPECIALS = ["<|pad|>", "<|separator|>", "<|eos|>"]  # ids 0, 1, 2, before the regular tokens, as in the release
 TEXT = ("def f(x):\n    return x ** 2  # squares 12345\nnaïve café — 東京 🙂 <|separator|> Human: hi<|eos|>"
@@ -100,6 +101,24 @@ def test_converted_engine_and_tensor_parallel_agree(release, tmp_path):
         assert [o.token_ids for o in tp.generate(prompts, params)] == outs
     finally:
         tp.close()
+
+
+def test_the_cuda_graph_decode_applies_the_temperature():
+    """Grok-2's attention in a dense float32 model (graph-safe): decode steps from the CUDA graphs' static
+    buffers, run eagerly on the CPU, give the plain forward's greedy tokens past the temperature length."""
+    cfg = ModelConfig(vocab_size=300, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96,
+                      max_seq_len=128, attn_logit_softcap=3.0, attn_temperature_len=8)
+    model = Transformer(cfg).init_weights(seed=3, std=0.3).eval()
+    llm = LLM(copy.deepcopy(model), byte_tokenizer(), max_num_batched_tokens=8, block_size=4, max_num_seqs=4)
+    llm.runner = ModelRunner(llm.model, len(llm.blocks.blocks), 4, max_num_seqs=4, gpu_paths=True)
+    assert llm.runner.graphed is not None
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    for prompt, out in zip([TOKENS[:5], TOKENS[:9]], llm.generate([TOKENS[:5], TOKENS[:9]], params), strict=True):
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(12):
+                seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+        assert out.token_ids == seq[len(prompt):]
 
 
 def test_a_tensor_parallel_rank_reads_only_its_slices(release, tmp_path):

@@ -102,8 +102,10 @@ def test_quantised_weights_stay_close_to_float(kind, bound):
     assert ((deq - w).norm() / w.norm()).item() <= bound
 
 
-@pytest.mark.parametrize("softcap, window", [(None, None), (30.0, None), (None, 5)])
-def test_paged_decode_attention_matches_reference(softcap, window):
+@pytest.mark.parametrize("softcap, window, temperature_len", [(None, None, None), (30.0, None, None), (None, 5, None),
+                                                             (1.5, None, 4)])
+def test_paged_decode_attention_matches_reference(softcap, window, temperature_len):
+    """temperature_len 4: Grok-2's temperature at the queries of positions 10 and 15 (not at 2)."""
     from flatstack.kernels import paged_attention as pa
 
     gen = torch.Generator().manual_seed(3)
@@ -112,12 +114,15 @@ def test_paged_decode_attention_matches_reference(softcap, window):
     q = torch.randn(3, H, D, generator=gen)
     tables = torch.tensor([[5, 2, 9, 0], [1, 0, 0, 0], [11, 3, 7, 4]])  # padded with block 0
     lengths = torch.tensor([11, 3, 16])
-    ref = pa.reference(q, k_pool, v_pool, tables, lengths, 0.3, softcap, window)
-    out = pa.paged_decode_attention(q, k_pool, v_pool, tables, lengths, 0.3, softcap, window)
+    args = (q, k_pool, v_pool, tables, lengths, 0.3, softcap, window, temperature_len)
+    ref = pa.reference(*args)
+    out = pa.paged_decode_attention(*args)
     assert (out - ref).abs().max() <= 1e-5
     # the C kernel (what decode_attention picks here): the same, reading the blocks where they lie
-    native_out = pa.decode_attention(q, k_pool, v_pool, tables, lengths, 0.3, softcap, window)
+    native_out = pa.decode_attention(*args)
     assert (native_out - ref).abs().max() <= 1e-5
+    if temperature_len is not None:  # and the temperature matters here
+        assert (pa.reference(*args[:-1]) - ref).abs().max() > 1e-3
 
 
 def test_native_decode_attention_on_a_real_sized_step():

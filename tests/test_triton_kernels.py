@@ -98,6 +98,16 @@ def test_interpreted_kernel_over_gqa_ratios_and_head_dims(interpreted, group, D)
     assert rel_err(out, pa.reference(q, k_pool, v_pool, tables, lengths, D**-0.5, 3.0)) <= 1e-5
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_interpreted_kernel_with_grok2s_temperature(interpreted, splits):
+    """Grok-2: the capped logits of a query past position 12 times log2(p) / log2(12), in every split."""
+    q, k_pool, v_pool, tables, lengths = paged_case(LENGTHS, group=2, seed=5)
+    out = interpreted.paged_decode(q, k_pool, v_pool, tables, lengths, 0.25, 2.0, None, splits, temperature_len=12)
+    ref = pa.reference(q, k_pool, v_pool, tables, lengths, 0.25, 2.0, None, 12)
+    assert rel_err(out, ref) <= 1e-5
+    assert rel_err(pa.reference(q, k_pool, v_pool, tables, lengths, 0.25, 2.0), ref) > 1e-3
+
+
 def test_interpreted_kernel_with_small_blocks_and_an_odd_head_dim(interpreted):
     """Blocks of 8 (several to a tl.dot tile) and head_dim 80 (padded to 128 inside the kernel)."""
     q, k_pool, v_pool, tables, lengths = paged_case([5, 29, 64], group=2, D=80, bs=8, seed=7)

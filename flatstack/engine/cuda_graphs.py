@@ -31,15 +31,16 @@ class StaticDecode:
     """The blocks' cache in a decode step: each layer writes the step's keys and values into their slots,
     then attends through the block tables."""
 
-    def __init__(self, pool, slots, tables, lengths, scale: float, softcap: float | None, window: int | None):
+    def __init__(self, pool, slots, tables, lengths, scale: float, softcap: float | None, window: int | None,
+                 temperature_len: int | None):
         self.pool, self.slots, self.tables, self.lengths = pool, slots, tables, lengths
-        self.scale, self.softcap, self.window = scale, softcap, window
+        self.scale, self.softcap, self.window, self.temperature_len = scale, softcap, window, temperature_len
 
     def attend(self, layer: int, q, k, v, start: int, attend):
         """q [1, H, N, D]; k, v [1, Hkv, N, D]: the N sequences' one new token each."""
         self.pool.write(layer, self.slots, k[0], v[0])
         out = decode_attention(q[0].transpose(0, 1), self.pool.k[layer], self.pool.v[layer], self.tables,
-                               self.lengths, self.scale, self.softcap, self.window)
+                               self.lengths, self.scale, self.softcap, self.window, self.temperature_len)
         return out.transpose(0, 1).unsqueeze(0)
 
 
@@ -57,7 +58,8 @@ class GraphedDecode:
         self.tables = buffer(max_seqs, width)
         self.scratch_slot = scratch_slot
         attn = model.layers[0].attn
-        self.attention = (attn.scale, model.cfg.attn_logit_softcap, model.cfg.sliding_window)
+        cfg = model.cfg
+        self.attention = (attn.scale, cfg.attn_logit_softcap, cfg.sliding_window, cfg.attn_temperature_len)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 

@@ -12,7 +12,6 @@ inference ones (kernels/linear.py).
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -120,16 +119,16 @@ class PagedBatch:
             longest = max(2, *(len(t) for t in tables[:d]))  # never one block wide: compiled code would specialise on 1
             self.decode_tables = torch.stack([F.pad(t, (0, longest - len(t))) for t in tables[:d]]).to(device)
             self.decode_lengths = torch.tensor(lengths[:d], device=device)
-            # Grok-2: each decode's temperature, from its query's position (host-side: it picks the kernel calls)
-            self.decode_tau = None if self.temperature_len is None else \
-                [tempered(n - 1, self.temperature_len) for n in lengths[:d]]
 
     def attend(self, layer: int, q, k, v, start: int, attend):
         """q [1, H, N, D]; k, v [1, Hkv, N, D] for the step's N packed tokens -> attention out [1, H, N, D]."""
         self.pool.write(layer, self.new_slots, k[0], v[0])
         outs, B = [], self.num_decodes
         if B:
-            outs.append(self.decode(layer, q[0, :, :B].transpose(0, 1)).transpose(0, 1).unsqueeze(0))
+            out = decode_attention(q[0, :, :B].transpose(0, 1), self.pool.k[layer], self.pool.v[layer],
+                                   self.decode_tables, self.decode_lengths, self.scale, self.softcap, self.window,
+                                   self.temperature_len)
+            outs.append(out.transpose(0, 1).unsqueeze(0))
         if self.packed is not None:
             blocks, block_mask, tau = self.packed
             kc, vc = self.pool.gather(layer, blocks)
@@ -143,32 +142,6 @@ class PagedBatch:
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
-    def decode(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """The decodes' attention, q [B, H, D]. Grok-2's temperature tau multiplies the capped logits; it is
-        folded into the cap, tau * c * tanh(s / c) = c' * tanh(tau * s / c') with c' = tau * c, so a row at a
-        tempered position runs the same kernel with its query times tau and a cap of tau * c (one call per
-        such row; the untempered rows in one call)."""
-        pools, tables, lengths = (self.pool.k[layer], self.pool.v[layer]), self.decode_tables, self.decode_lengths
-        if self.temperature_len is None:
-            return decode_attention(q, *pools, tables, lengths, self.scale, self.softcap, self.window)
-        out = torch.empty_like(q)
-        plain = [i for i, t in enumerate(self.decode_tau) if t == 1.0]
-        if plain:
-            out[plain] = decode_attention(q[plain], *pools, tables[plain], lengths[plain], self.scale, self.softcap,
-                                          self.window)
-        for i, t in enumerate(self.decode_tau):
-            if t != 1.0:
-                cap = None if self.softcap is None else self.softcap * t
-                out[i : i + 1] = decode_attention(q[i : i + 1] * t, *pools, tables[i : i + 1], lengths[i : i + 1],
-                                                  self.scale, cap, self.window)
-        return out
-
-
-def tempered(position: int, length: int) -> float:
-    """Grok-2's attention temperature at a query position (attention.temperature, on the host)."""
-    return math.log2(position) / math.log2(length) if position > length else 1.0
-
-
 def packed_chunks(positions: list[torch.Tensor], tables: list[torch.Tensor], block_size: int, device,
                   window: int | None, temperature_len: int | None = None):
     """What `attention.packed` needs for the prompt chunks: their blocks, gathered as one context, and the
@@ -177,10 +150,9 @@ def packed_chunks(positions: list[torch.Tensor], tables: list[torch.Tensor], blo
     q_seq = torch.cat([torch.full((len(p),), i) for i, p in enumerate(positions)])
     k_seq = torch.cat([torch.full((len(t) * block_size,), i) for i, t in enumerate(tables)])
     k_pos = torch.cat([torch.arange(len(t) * block_size) for t in tables])
-    q_pos = torch.cat(positions)
+    q_pos = torch.cat(positions).to(device)
     ids = (t.to(device) for t in (q_seq, q_pos, k_seq, k_pos))
-    tau = None if temperature_len is None else torch.tensor([tempered(int(p), temperature_len) for p in q_pos],
-                                                            device=device)
+    tau = None if temperature_len is None else attention.temperature_at(q_pos, temperature_len)
     return torch.cat(tables).to(device), attention.packed_mask(*ids, window), tau
 
 
@@ -197,10 +169,7 @@ def swap_linears(model: Transformer, kind: str) -> nn.Module:
 
 
 def graph_safe(model: Transformer) -> bool:
-    """Whether a decode step can be captured: no host sync inside (an MoE's experts grouped, kernels/moe.py),
-    and attention the decode kernels compute (not Grok-2's temperature)."""
-    if model.cfg.attn_temperature_len is not None:
-        return False
+    """Whether a decode step can be captured: no host sync inside (an MoE's experts grouped, kernels/moe.py)."""
     if not model.cfg.is_moe:
         return True
     ffn = model.layers[0].ffn

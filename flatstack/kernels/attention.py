@@ -34,9 +34,14 @@ def causal_mask(T: int, S: int, window: int | None, device) -> torch.Tensor:
 
 
 def temperature(T: int, S: int, length: int, device) -> torch.Tensor:
-    """Grok-2's attention temperature [T] for the last T of S positions: log2(p) / log2(length) for a query at
-    0-based position p > length, else 1 (SGLang's extend and decode attention kernels)."""
-    p = torch.arange(S - T, S, device=device, dtype=torch.float32)
+    """Grok-2's attention temperature [T] for the last T of S positions."""
+    return temperature_at(torch.arange(S - T, S, device=device), length)
+
+
+def temperature_at(positions: torch.Tensor, length: int) -> torch.Tensor:
+    """Grok-2's attention temperature of queries at these 0-based positions: log2(p) / log2(length) where
+    p > length, else 1 (SGLang's extend and decode attention kernels), float32."""
+    p = positions.float()
     return torch.where(p > length, torch.log2(p.clamp(min=1)) / math.log2(length), torch.ones_like(p))
 
 

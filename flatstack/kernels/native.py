@@ -79,7 +79,8 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.int8_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     lib.int8_rows.restype = None
-    lib.paged_decode.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float] * 2 + [ctypes.c_int64]
+    lib.paged_decode.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float] * 2
+                                 + [ctypes.c_int64] * 2)
     lib.paged_decode.restype = None
     return lib
 
@@ -96,7 +97,7 @@ def int8_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
 
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                  lengths: torch.Tensor, scale: float, softcap: float | None = None,
-                 window: int | None = None) -> torch.Tensor:
+                 window: int | None = None, temperature_len: int | None = None) -> torch.Tensor:
     """`paged_decode_attention` (kernels/paged_attention.py) for float32 CPU pools: the C kernel."""
     lib = library()
     assert lib is not None, "paged_decode called without the native library"
@@ -107,5 +108,6 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, bl
     tables, lengths = block_tables.long().contiguous(), lengths.long().contiguous()
     out = torch.empty_like(q)
     lib.paged_decode(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), lengths.data_ptr(),
-                     out.data_ptr(), B, H, Hkv, D, num_blocks, bs, tables.shape[1], scale, softcap or 0.0, window or 0)
+                     out.data_ptr(), B, H, Hkv, D, num_blocks, bs, tables.shape[1], scale, softcap or 0.0, window or 0,
+                     temperature_len or 0)
     return out

@@ -7,7 +7,8 @@
    query heads that share them, and only up to the sequence's own length.
 
    q [B, H, D]; pools [Hkv, num_blocks, bs, D]; tables [B, width]; lengths [B] (the query's own position
-   included) -> out [B, H, D]. softcap <= 0: none; window <= 0: none. */
+   included) -> out [B, H, D]. softcap <= 0: none; window <= 0: none; temperature_len > 0: Grok-2's
+   temperature, the capped logits of a query at position p > L times log2(p) / log2(L). */
 
 #include <math.h>
 #include <stdint.h>
@@ -35,13 +36,16 @@ static inline void prefetch_row(const float* row, int64_t D) {
 
 void paged_decode(const float* q, const float* k_pool, const float* v_pool, const int64_t* tables,
                   const int64_t* lengths, float* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                  int64_t num_blocks, int64_t bs, int64_t width, float scale, float softcap, int64_t window) {
+                  int64_t num_blocks, int64_t bs, int64_t width, float scale, float softcap, int64_t window,
+                  int64_t temperature_len) {
     int64_t group = H / Hkv;
 #pragma omp parallel for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; b++) {
         for (int64_t kv = 0; kv < Hkv; kv++) {
             int64_t n = lengths[b];
             int64_t first = window > 0 && n > window ? n - window : 0;
+            float tau = temperature_len > 0 && n - 1 > temperature_len
+                            ? log2f((float)(n - 1)) / log2f((float)temperature_len) : 1.0f;
             const int64_t* table = tables + b * width;
             const float* qb = q + (b * H + kv * group) * D;
             float* ob = out + (b * H + kv * group) * D;
@@ -53,6 +57,7 @@ void paged_decode(const float* q, const float* k_pool, const float* v_pool, cons
                 for (int64_t g = 0; g < group; g++) {
                     float logit = dot(qb + g * D, k, D) * scale;
                     if (softcap > 0) logit = softcap * tanhf(logit / softcap);
+                    logit *= tau;
                     logits[g * (n - first) + s - first] = logit;
                 }
             }

@@ -43,7 +43,7 @@ def gather_blocks(pool: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def reference(q, k_pool, v_pool, block_tables, lengths, scale: float, softcap: float | None = None,
-              window: int | None = None) -> torch.Tensor:
+              window: int | None = None, temperature_len: int | None = None) -> torch.Tensor:
     """q [B, H, D] -> [B, H, D]: each sequence's context read from its blocks, then attention's reference
     (kernels/attention.py) for its one query, the last of its positions."""
     B, H, D = q.shape
@@ -54,13 +54,14 @@ def reference(q, k_pool, v_pool, block_tables, lengths, scale: float, softcap: f
         blocks = block_tables[b, : -(-n // bs)]
         k = k_pool[:, blocks].reshape(Hkv, -1, D)[None, :, :n]
         v = v_pool[:, blocks].reshape(Hkv, -1, D)[None, :, :n]
-        out[b] = attention.reference(q[b][None, :, None], k, v, scale, softcap, window)[0, :, 0]
+        out[b] = attention.reference(q[b][None, :, None], k, v, scale, softcap, window, temperature_len)[0, :, 0]
     return out
 
 
 def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, scale: float, softcap: float | None = None,
-                           window: int | None = None) -> torch.Tensor:
-    """q [B, H, D]; pools [Hkv, num_blocks, bs, D]; block_tables [B, n] int64; lengths [B] -> [B, H, D]."""
+                           window: int | None = None, temperature_len: int | None = None) -> torch.Tensor:
+    """q [B, H, D]; pools [Hkv, num_blocks, bs, D]; block_tables [B, n] int64; lengths [B] -> [B, H, D].
+    `temperature_len`: Grok-2's temperature of each query (at position lengths - 1) on the capped logits."""
     B, H, D = q.shape
     Hkv, _, bs, _ = k_pool.shape
     S = block_tables.shape[1] * bs
@@ -71,22 +72,25 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, scale: floa
     logits = (qg @ k.transpose(-1, -2)).float() * scale  # [Hkv, B, group, S]
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
+    if temperature_len is not None:
+        logits = logits * attention.temperature_at(lengths - 1, temperature_len)[None, :, None, None]
     logits.masked_fill_(~context_mask(lengths, S, window)[None, :, None, :], float("-inf"))
     out = logits.softmax(-1).to(v.dtype) @ v  # [Hkv, B, group, D]
     return out.transpose(0, 1).reshape(B, H, D)
 
 
 def decode_attention(q, k_pool, v_pool, block_tables, lengths, scale: float, softcap: float | None = None,
-                     window: int | None = None) -> torch.Tensor:
+                     window: int | None = None, temperature_len: int | None = None) -> torch.Tensor:
     """`paged_decode_attention`, in C where it can run: float32 pools on the CPU, the kernels built; in
     Triton for CUDA tensors."""
     if q.is_cuda:
         from flatstack.kernels.paged_decode_triton import paged_decode
 
-        return paged_decode(q, k_pool, v_pool, block_tables, lengths, scale, softcap, window)
+        return paged_decode(q, k_pool, v_pool, block_tables, lengths, scale, softcap, window,
+                            temperature_len=temperature_len)
     if q.device.type == "cpu" and q.dtype == k_pool.dtype == torch.float32 and native.library() is not None:
-        return native.paged_decode(q, k_pool, v_pool, block_tables, lengths, scale, softcap, window)
-    return paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, scale, softcap, window)
+        return native.paged_decode(q, k_pool, v_pool, block_tables, lengths, scale, softcap, window, temperature_len)
+    return paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, scale, softcap, window, temperature_len)
 
 
 def decode_attention_before_write(q, k_new, v_new, k_pool, v_pool, block_tables, context_lengths, scale: float,

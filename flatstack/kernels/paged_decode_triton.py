@@ -14,6 +14,7 @@ calls it can be captured in a CUDA graph and replayed with new lengths.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -60,9 +61,10 @@ def _logits(q, k, pos, length, scale, softcap, window, SOFTCAP: tl.constexpr, WI
 @triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, out_ptr, lse_ptr,
                   sq_b, sq_h, sk_h, sk_n, sk_s, sv_h, sv_n, sv_s, st_b, so_b, so_h, so_s,
-                  scale, softcap, window, GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                  scale, softcap, window, log2_temperature_len, temperature_len,
+                  GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                   BS: tl.constexpr, TILE_BLOCKS: tl.constexpr, SPLITS: tl.constexpr, SOFTCAP: tl.constexpr,
-                  WINDOW: tl.constexpr, PRECISION: tl.constexpr, DIRECT: tl.constexpr):
+                  WINDOW: tl.constexpr, PRECISION: tl.constexpr, DIRECT: tl.constexpr, TEMPERATURE: tl.constexpr):
     """Program (sequence b, KV head, split): the group's query heads against the split's blocks, TILE_BLOCKS
     blocks a step; writes the output (DIRECT) or the split's normalised part and its base-2 log-sum-exp."""
     b = tl.program_id(0)
@@ -70,6 +72,10 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, out_ptr, lse_ptr
     split = tl.program_id(2)
     length = tl.load(lengths_ptr + b).to(tl.int32)
     start, end = _block_range(length, window, split, SPLITS, BS, WINDOW)
+    tau = 1.0
+    if TEMPERATURE:  # Grok-2: the capped logits of the query at position length - 1 > L, times log2(p) / log2(L)
+        p = (length - 1).to(tl.float32)
+        tau = tl.where(length - 1 > temperature_len, tl.log2(tl.maximum(p, 1.0)) / log2_temperature_len, 1.0)
     rows = tl.arange(0, ROWS)
     d = tl.arange(0, DP)  # head_dim padded to a power of two: zero columns add nothing to q . k
     heads = kvh * GROUP + rows
@@ -89,7 +95,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, out_ptr, lse_ptr
         k = tl.load(k_ptr + kvh * sk_h + ids[:, None] * sk_n + slot[:, None] * sk_s + d[None, :],
                     mask=there, other=0.0)
         pos = tl.where(inside, blk * BS + slot, length)  # keys past this split's blocks count as unseen
-        s = _logits(q, k, pos, length, scale, softcap, window, SOFTCAP, WINDOW, PRECISION)
+        s = _logits(q, k, pos, length, scale, softcap, window, SOFTCAP, WINDOW, PRECISION) * tau
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -139,7 +145,7 @@ def choose_splits(batch: int, kv_heads: int, width: int, sms: int = 132) -> int:
 
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                  lengths: torch.Tensor, scale: float, softcap: float | None = None, window: int | None = None,
-                 splits: int | None = None) -> torch.Tensor:
+                 splits: int | None = None, temperature_len: int | None = None) -> torch.Tensor:
     """q [B, H, D]; pools [Hkv, num_blocks, bs, D]; block_tables [B, n]; lengths [B] -> [B, H, D] in q's
     dtype: `paged_attention.paged_decode_attention`, in one pass over the pool (two kernels when split)."""
     B, H, D = q.shape
@@ -162,9 +168,11 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, bl
         q.stride(0), q.stride(1), *k_pool.stride()[:3], *v_pool.stride()[:3], block_tables.stride(0),
         part.stride(0), part.stride(1), 0 if direct else part.stride(2),
         scale, 1.0 if softcap is None else softcap, 0 if window is None else window,
+        math.log2(temperature_len or 2), temperature_len or 0,
         GROUP=group, ROWS=max(16, triton.next_power_of_2(group)), D=D, DP=dp, BS=bs,
         TILE_BLOCKS=max(1, TILE_KEYS // bs), SPLITS=splits, SOFTCAP=softcap is not None, WINDOW=window is not None,
-        PRECISION="ieee" if k_pool.dtype == torch.float32 else "tf32", DIRECT=direct)
+        PRECISION="ieee" if k_pool.dtype == torch.float32 else "tf32", DIRECT=direct,
+        TEMPERATURE=temperature_len is not None)
     if not direct:
         _combine_kernel[(B * H,)](part, lse, out, out.stride(0), out.stride(1), H, SPLITS=splits,
                                   SPLITS_P2=triton.next_power_of_2(splits), D=D, DP=dp)
