@@ -281,13 +281,14 @@ class Attention(nn.Module):
         within the sliding window)."""
         cfg = self.cfg
         H, T, S, Hkv = q.shape[1], q.shape[2], k.shape[2], k.shape[1]
-        if cfg.attn_logit_softcap is None and cfg.sliding_window is None:
+        plain = cfg.attn_logit_softcap is None and cfg.sliding_window is None and cfg.attn_temperature_len is None
+        if plain:
             # Fast path: fused attention; a bottom-right causal mask when queries are the last T keys.
             mask = None if T == S else attention.causal_mask(T, S, None, q.device)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T == S > 1, scale=self.scale,
                                                   enable_gqa=H != Hkv)
-        # a soft cap or a window: FlexAttention on GPUs, where it never builds the [T, S] logits and has a
-        # backward; on the CPU (forward only, and compiled per shape) the reference
+        # a soft cap, a window or a temperature: FlexAttention on GPUs, where it never builds the [T, S] logits
+        # and has a backward; on the CPU (forward only, and compiled per shape) the reference
         attend = attention.flex if q.device.type == "cuda" else attention.reference
         return attend(q, k, v, self.scale, cfg.attn_logit_softcap, cfg.sliding_window, cfg.attn_temperature_len)
 

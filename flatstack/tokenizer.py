@@ -133,7 +133,8 @@ def tokenizer_from_tiktoken(data: dict) -> Tokenizer:
     if clash:
         raise TokenizerError(f"tokenizer.tok.json gives id {min(clash)} to a regular and a special token")
     # the special tokens keep their own ids: in the vocabulary, then marked special (never split)
-    tok = Tokenizer(models.BPE(vocab={**vocab, **specials}, merges=symbols, fuse_unk=False))
+    # ignore_merges: a piece that is a token whole is that token, as tiktoken emits it, whatever the merges
+    tok = Tokenizer(models.BPE(vocab={**vocab, **specials}, merges=symbols, fuse_unk=False, ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()

@@ -226,6 +226,7 @@ class Run:
             record = optimizer_step(self.model, self.forward, self.router_logits, self.optimizers,
                                     list(self.batches(self.step)), self.cfg, self.step, self.autocast, self.layout)
         except TrainingError as e:
+            self.complete_checkpoint()  # one written in the background is in place before it is named
             last = self.checkpoints()
             raise TrainingError(f"{e}; stopping. Last good checkpoint: {last[-1] if last else 'none'}") from None
         self.step += 1

@@ -145,6 +145,9 @@ def direct_bpe(text: str, data: dict) -> list[int]:
             ids.append(specials[part])
             continue
         for piece in regex.findall(TIKTOKEN_SPLITS["V1"], part):
+            if piece.encode() in ranks:  # tiktoken: a piece that is a token whole
+                ids.append(ranks[piece.encode()])
+                continue
             parts = [bytes([b]) for b in piece.encode()]
             while len(parts) > 1:
                 pairs = [(ranks.get(a + b), i) for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False))]

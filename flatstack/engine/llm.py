@@ -50,19 +50,27 @@ class LLM:
         # tensor parallel: the other ranks start loading their shards while this one loads its own
         self.ranks = Ranks(model, asdict(config), config.tp) if config.tp > 1 else None
         try:
-            if self.ranks is not None and not isinstance(model, Transformer):  # this rank's share, read alone
-                source = model
-                model = load_shard(source, 0, config.tp, config.torch_dtype, rank_device(config.device, 0))
-                tokenizer = tokenizer if tokenizer is not None else source
-            elif self.ranks is not None:
-                shard_model(model, 0, config.tp)
-            self.model, self.tokenizer, files = load_model_and_tokenizer(model, tokenizer, config)
-            num_blocks = self.kv_blocks()
-            if self.ranks is not None:
-                self.ranks.send(num_blocks)
+            self.start(model, tokenizer)
         except BaseException:
-            self.close()
+            self.close()  # the other ranks stop too
             raise
+        self.rng = random.Random(config.seed)
+        self.requests: dict[str, Sequence] = {}
+        self.counter = itertools.count()
+
+    def start(self, model, tokenizer) -> None:
+        """This rank's model and tokenizer, then the engine's parts around them."""
+        config = self.config
+        if self.ranks is not None and not isinstance(model, Transformer):  # this rank's share, read alone
+            source = model
+            model = load_shard(source, 0, config.tp, config.torch_dtype, rank_device(config.device, 0))
+            tokenizer = tokenizer if tokenizer is not None else source
+        elif self.ranks is not None:
+            shard_model(model, 0, config.tp)
+        self.model, self.tokenizer, files = load_model_and_tokenizer(model, tokenizer, config)
+        num_blocks = self.kv_blocks()
+        if self.ranks is not None:
+            self.ranks.send(num_blocks)
         self.chat_template = chat_template_of(files, self.tokenizer)
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
@@ -72,9 +80,6 @@ class LLM:
                                   max_num_seqs=config.max_num_seqs, ranks=self.ranks)
         self.eos_ids = eos_ids(self.model, self.tokenizer)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_ids, self.scheduler)
-        self.rng = random.Random(config.seed)
-        self.requests: dict[str, Sequence] = {}
-        self.counter = itertools.count()
 
     def kv_blocks(self) -> int:
         config = self.config

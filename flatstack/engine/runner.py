@@ -197,9 +197,11 @@ class ModelRunner:
         self.packed = gpu_paths
         self.graphed = GraphedDecode(model, self.pool, self.head, max_num_seqs, num_blocks * block_size,
                                      capture=not cpu) if gpu_paths and compile_decode and graph_safe(model) else None
-        # MoE blocks route on data (a host sync per layer), which a compiled graph would break at
+        # MoE blocks route on data (a host sync per layer), which a compiled graph would break at; the compiled
+        # steps' attention takes no temperature
         self.graphs = DecodeGraphs(model, self.pool.k, self.pool.v) \
-            if compile_decode and cpu and not gpu_paths and not model.cfg.is_moe else None
+            if compile_decode and cpu and not gpu_paths and not model.cfg.is_moe \
+            and model.cfg.attn_temperature_len is None else None
         self.compiling = None  # the thread compiling the graphs, once started
         self.ranks = ranks  # tensor parallel: the other ranks, sent each step (tensor_parallel.Ranks)
 
@@ -237,9 +239,14 @@ class ModelRunner:
         whole context is computed after this step (the ones that sample), in scheduled order. Under tensor
         parallelism, the other ranks are sent the same step first."""
         step = plan(scheduled, self.pool.block_size)
-        if self.ranks is not None:
-            self.ranks.send(step)
-        return self.execute(step)
+        if self.ranks is None:
+            return self.execute(step)
+        self.ranks.send(step)
+        try:
+            return self.execute(step)
+        except BaseException:
+            self.ranks.abort()  # the other ranks are left inside this step's collectives
+            raise
 
     @torch.inference_mode()
     def execute(self, step: list[Planned]) -> torch.Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+import signal
 import socket
 from dataclasses import replace
 
@@ -29,6 +30,8 @@ from torch import nn
 from flatstack.model import MoE, Transformer
 
 TIMEOUT = datetime.timedelta(minutes=30)  # a rank loading a large checkpoint may take minutes
+# the other ranks wait for rank 0's next step for as long as the engine stays idle
+IDLE = datetime.timedelta(days=365)
 
 
 def check_divisible(model: Transformer, tp: int) -> None:
@@ -108,11 +111,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def join(rank: int, tp: int, port: int, device: torch.device) -> None:
+def join(rank: int, tp: int, port: int, device: torch.device):
+    """Join the ranks; returns the group that carries rank 0's step plans (gloo, waiting without a deadline:
+    the collectives of a step keep TIMEOUT)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=tp, timeout=TIMEOUT)
+    return dist.new_group(backend="gloo", timeout=IDLE)
 
 
 def share_cores(device: torch.device, tp: int) -> None:
@@ -130,37 +136,62 @@ class Ranks:
     (or at exit)."""
 
     def __init__(self, source, settings: dict, tp: int):
+        device = rank_device(settings.get("device"), 0)
+        if device.type == "cuda" and torch.cuda.device_count() < tp:
+            raise ValueError(f"tensor parallel over {tp} ranks needs {tp} GPUs; this machine has "
+                             f"{torch.cuda.device_count()}")
         port = free_port()
         ctx = mp.get_context("spawn")
         self.procs = [ctx.Process(target=serve_rank, args=(rank, tp, port, source, settings), daemon=True,
                                   name=f"flatstack-tp-rank{rank}") for rank in range(1, tp)]
         for p in self.procs:
             p.start()
-        device = rank_device(settings.get("device"), 0)
         share_cores(device, tp)
-        join(0, tp, port, device)
+        try:
+            self.plans = join(0, tp, port, device)
+        except BaseException:
+            self.stop()
+            raise
         atexit.register(self.close)
 
     def send(self, step) -> None:
-        dist.broadcast_object_list([step], src=0)
+        """The step's plan to every rank; a rank that died fails it (gloo sees the closed connection)."""
+        dead = [p.name for p in self.procs if not p.is_alive()]
+        if dead or not self.procs:
+            raise RuntimeError(f"tensor-parallel rank(s) {', '.join(dead) or 'all'} stopped (an error above, or "
+                               "a failed step); start the engine again")
+        dist.broadcast_object_list([step], src=0, group=self.plans)
+
+    def abort(self) -> None:
+        """After a step failed on this rank: the others wait inside that step's collectives, which nothing
+        will complete; end them now (the engine cannot step again)."""
+        for p in self.procs:
+            p.kill()
+        self.stop()
+        dist.destroy_process_group()
 
     def close(self) -> None:
+        """Tell the ranks to stop (if they all still run), wait for them, leave the process group."""
         if not self.procs:
             return
         try:
-            self.send(None)
+            if all(p.is_alive() for p in self.procs):
+                self.send(None)
         finally:
-            for p in self.procs:
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.kill()
-            self.procs = []
+            self.stop()
             dist.destroy_process_group()
 
+    def stop(self) -> None:
+        for p in self.procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+        self.procs = []
 
-def receive():
+
+def receive(plans):
     box = [None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=plans)
     return box[0]
 
 
@@ -169,20 +200,22 @@ def serve_rank(rank: int, tp: int, port: int, source, settings: dict) -> None:
     from flatstack.engine.config import EngineConfig
     from flatstack.engine.runner import ModelRunner
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle: it stops the ranks
     config = EngineConfig(**settings)
     device = rank_device(config.device, rank)
     share_cores(device, tp)
-    join(rank, tp, port, device)
+    plans = join(rank, tp, port, device)
     if isinstance(source, Transformer):
         model = source
         shard_model(model, rank, tp)
+        model.to(device)
     else:
         model = load_shard(source, rank, tp, config.torch_dtype, device)
-    num_blocks = receive()
+    num_blocks = receive(plans)
     if num_blocks is None:  # rank 0 failed before the engine started
         return
     runner = ModelRunner(model, num_blocks, config.block_size, config.quantize or "float", compile_decode=False,
                          max_num_seqs=config.max_num_seqs)
-    while (step := receive()) is not None:
+    while (step := receive(plans)) is not None:
         runner.execute(step)
     dist.destroy_process_group()

@@ -41,6 +41,8 @@ class ExpertParallelMoE(MoE):
         expert_of = torch.repeat_interleave(torch.arange(local, device=x.device).repeat(ep),
                                             received_counts.flatten())
         out = run_experts(received, expert_of[:, None], received.new_ones(len(received), 1), w, self.act)
+        if not len(received):  # no token for this rank's experts: their gradients are still owed (zeros) to
+            out = out + sum(t.sum() for t in w) * 0  # FSDP2's reduce-scatter, which every rank joins
         back = wait_tensor(all_to_all_single_autograd(out, send_splits, receive_splits, group))
         y = x.new_zeros(shape)  # returned whole, not as a view: FSDP2 hooks the output of the module
         y.view(-1, shape[-1]).index_add_(0, order // experts.shape[1], back * weights.flatten()[order, None])

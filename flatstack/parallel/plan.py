@@ -55,10 +55,11 @@ CARDS = {
 def activation_bytes_per_token(cfg: ModelConfig, tp: int = 1) -> int:
     """What the backward keeps per token and layer, bf16: the inputs of each matmul and nonlinearity (the
     norms' outputs, q, k, v, the attention output, the FFN's gate, up, product and its k experts' share);
-    a tensor-parallel rank keeps its share of those inside attention and the MLP."""
+    a tensor-parallel rank keeps its share of those inside attention and the dense MLPs (experts stay whole)."""
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    ffn = cfg.ffn_dim * (cfg.experts_per_token if cfg.is_moe else 1)
-    return int(2 * (4 * cfg.d_model + (3 * q + 2 * kv + 4 * ffn) / tp))
+    split = 3 * q + 2 * kv + 4 * (cfg.residual_ffn_dim if cfg.is_moe else cfg.ffn_dim)  # what TP divides
+    experts = 4 * cfg.ffn_dim * cfg.experts_per_token if cfg.is_moe else 0  # whole on each TP rank
+    return int(2 * (4 * cfg.d_model + split / tp + experts))
 
 
 @dataclass(frozen=True)
@@ -180,9 +181,9 @@ def plan_serving(cfg: ModelConfig, gpus: int, card: Card, context: int, tp: int 
     """Batch-1 decoding reads every active weight and the context once per token; each layer adds two
     all-reduces of one token's activations (latency, not modelled, comes on top)."""
     tp = tp or serving_tp(cfg, gpus, card, context)
-    if gpus % tp or cfg.n_kv_heads % tp or cfg.ffn_dim % tp:
-        raise ValueError(f"--tp {tp} must divide the {gpus} GPUs, the {cfg.n_kv_heads} KV heads and ffn_dim "
-                         f"{cfg.ffn_dim}")
+    if gpus % tp or cfg.n_kv_heads % tp or cfg.ffn_dim % tp or cfg.residual_ffn_dim % tp:
+        raise ValueError(f"--tp {tp} must divide the {gpus} GPUs, the {cfg.n_kv_heads} KV heads, ffn_dim "
+                         f"{cfg.ffn_dim} and residual_ffn_dim {cfg.residual_ffn_dim}")
     weights, kv, total = serving_bytes(cfg, tp, context)
     _, _, split_active, whole_active = split_params(cfg)
     read_s = (2 * (split_active / tp + whole_active) + kv) / card.hbm_bandwidth
