@@ -36,7 +36,7 @@ from flatstack.model import PRESETS, Transformer, model_stats, preset
 from flatstack.optim import build_optimizers
 from flatstack.parallel.dcp import load_sharded, save_sharded
 from flatstack.parallel.layout import Layout, check_degrees, parallelize
-from flatstack.parallel.world import all_sum, barrier, launched, rank_device, setup
+from flatstack.parallel.world import all_sum, barrier, launched, leave, rank_device, setup
 from flatstack.plot import plot_losses
 from flatstack.tokenizer import load_tokenizer
 from flatstack.train_config import TrainConfig, TrainingError, validate
@@ -363,5 +363,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         for s, handler in previous.items():
             signal.signal(s, handler)
     last = run.checkpoints()
+    leave()  # every rank is done with the group: its threads end here, not in the interpreter's teardown
     return {**last_eval, "checkpoint": str(last[-1]) if last else None, "loss_curve": str(plot),
             "stopped": run.stop_requested}

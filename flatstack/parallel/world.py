@@ -60,3 +60,11 @@ def all_sum(values: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def leave() -> None:
+    """Destroy the process group (and the meshes' groups) once the job is done: gloo's threads left to the
+    interpreter's exit can abort it ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
