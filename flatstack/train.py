@@ -319,7 +319,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         (run.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
     barrier()
     metrics, plot = run.out / "metrics.jsonl", run.out / "loss.png"
-
     peak = matmul_flops(run.device, torch.bfloat16 if run.device.type == "cuda" else torch.float32)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     stats = model_stats(run.model.cfg, cfg.seq_len)
