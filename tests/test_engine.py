@@ -14,6 +14,7 @@ from flatstack import LLM, SamplingParams
 from flatstack.engine import RequestError, decode_graphs
 from flatstack.engine.cuda_graphs import buckets
 from flatstack.engine.decode_graphs import group_size
+from flatstack.engine.native_decode import NativeDecode
 from flatstack.engine.runner import ModelRunner
 from flatstack.engine.sampling import apply_penalties, filter_logits
 from flatstack.generate import generate
@@ -56,10 +57,24 @@ def test_greedy_equals_the_contiguous_cache_reference(name):
         assert out.finish_reason == "length"
 
 
-def test_eager_decode_equals_the_compiled_blocks():
-    """--enforce-eager (every block called eagerly, keys and values written before attending) and the
-    compiled decode blocks (attending around the pool, written after the step) give the same tokens."""
+@pytest.fixture
+def compiled_blocks(monkeypatch):
+    """The compiled decode blocks serve the CPU models the C decode step does not (bfloat16 ones); here
+    the float32 test models are sent to them."""
+    monkeypatch.setattr(NativeDecode, "supports", staticmethod(lambda model, dtype: False))
+    return monkeypatch
+
+
+def test_eager_decode_equals_the_c_step_and_the_compiled_blocks(compiled_blocks):
+    """--enforce-eager (every block called eagerly, keys and values written before attending), the C
+    decode step, and the compiled decode blocks (attending around the pool, written after the step) give
+    the same tokens."""
     eager, compiled = engine(enforce_eager=True), engine()
+    compiled_blocks.undo()
+    c_step = engine()
+    assert c_step.decode_path == "native"
+    for a, b in zip(eager.generate(PROMPTS, GREEDY), c_step.generate(PROMPTS, GREEDY), strict=True):
+        assert a.token_ids == b.token_ids
     compiled.warm_up(wait=True)
     assert compiled.decode_path == "compiled" and eager.decode_path == "eager"
     for a, b in zip(eager.generate(PROMPTS, GREEDY), compiled.generate(PROMPTS, GREEDY), strict=True):
@@ -103,7 +118,7 @@ def test_cuda_graph_buckets():
     assert buckets(1) == [1] and buckets(8) == [1, 2, 4, 8] and buckets(30) == [1, 2, 4, 8, 16, 24, 30]
 
 
-def test_requests_are_served_while_the_graphs_compile():
+def test_requests_are_served_while_the_graphs_compile(compiled_blocks):
     """Before the decode graphs exist, decode steps run eagerly: the first tokens do not wait for the
     compiler, and they are the tokens the compiled steps give."""
     llm = engine()
@@ -120,7 +135,7 @@ def test_group_size_divides_the_layers():
     assert [group_size(n) for n in (30, 32, 24, 2, 7)] == [6, 4, 6, 2, 1]
 
 
-def test_compiled_groups_follow_each_layer_and_share_its_weights(monkeypatch):
+def test_compiled_groups_follow_each_layer_and_share_its_weights(monkeypatch, compiled_blocks):
     """Several groups of several blocks (4 layers in groups of 2): the tokens of eager decoding, and every
     block's weights views of the stacked tensors the groups read, not copies."""
     monkeypatch.setattr(decode_graphs, "GROUP", 2)

@@ -25,7 +25,7 @@ class EngineConfig:
     max_num_batched_tokens: int = setting(512, "tokens per step")
     prefix_caching: bool = setting(True, "reuse the KV blocks of prompt prefixes seen before")
     quantize: str | None = setting(None, "weight-only quantisation for inference", choices=QUANTIZE)
-    enforce_eager: bool = setting(False, "never compile the decode step's blocks (slower decoding)")
+    enforce_eager: bool = setting(False, "decode op by op in torch: no C decode step, no compiled graph (slower)")
     seed: int | None = setting(None, "seed of the random seeds given to requests without one")
     tp: int = setting(1, "tensor-parallel ranks: processes of this machine that split the model's heads and "
                          "feed-forward (KV cache memory is per rank)")

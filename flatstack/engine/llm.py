@@ -243,7 +243,8 @@ class LLM:
 
     @property
     def decode_path(self) -> str:
-        """What serves decode steps now: "cuda_graphs" (GPU), "compiled", "compiling" (eager meanwhile) or "eager"."""
+        """What serves decode steps now: "cuda_graphs" (GPU), "native" (the C step), "compiled", "compiling"
+        (eager meanwhile) or "eager"."""
         return self.runner.decode_path
 
     @property

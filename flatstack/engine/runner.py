@@ -22,6 +22,7 @@ from torch import nn
 from flatstack.allocator import keep_freed_memory
 from flatstack.engine.cuda_graphs import GraphedDecode
 from flatstack.engine.decode_graphs import DecodeGraphs
+from flatstack.engine.native_decode import NativeDecode
 from flatstack.engine.sequence import Sequence
 from flatstack.kernels import attention, moe
 from flatstack.kernels.linear import FEW_ROWS, LINEARS, decode_step
@@ -197,10 +198,13 @@ class ModelRunner:
         self.packed = gpu_paths
         self.graphed = GraphedDecode(model, self.pool, self.head, max_num_seqs, num_blocks * block_size,
                                      capture=not cpu) if gpu_paths and compile_decode and graph_safe(model) else None
+        # the C decode step: not under tensor parallelism, whose products end in collectives it does not make
+        self.native = NativeDecode(model, self.pool.k, self.pool.v) if compile_decode and cpu and not gpu_paths \
+            and ranks is None and NativeDecode.supports(model, self.dtype) else None
         # MoE blocks route on data (a host sync per layer), which a compiled graph would break at; the compiled
         # steps' attention takes no temperature
         self.graphs = DecodeGraphs(model, self.pool.k, self.pool.v) \
-            if compile_decode and cpu and not gpu_paths and not model.cfg.is_moe \
+            if compile_decode and cpu and not gpu_paths and not model.cfg.is_moe and self.native is None \
             and model.cfg.attn_temperature_len is None else None
         self.compiling = None  # the thread compiling the graphs, once started
         self.ranks = ranks  # tensor parallel: the other ranks, sent each step (tensor_parallel.Ranks)
@@ -227,9 +231,12 @@ class ModelRunner:
 
     @property
     def decode_path(self) -> str:
-        """What serves decode steps now: "cuda_graphs" (GPU), "compiled", "compiling" (eager meanwhile) or "eager"."""
+        """What serves decode steps now: "cuda_graphs" (GPU), "native" (the C step), "compiled", "compiling"
+        (eager meanwhile) or "eager"."""
         if self.graphed is not None and self.graphed.graphs:
             return "cuda_graphs"
+        if self.native is not None:
+            return "native"
         if self.graphs is None or self.graphs.error is not None:
             return "eager"
         return "compiled" if self.graphs.ready.is_set() else "compiling"
@@ -260,6 +267,8 @@ class ModelRunner:
         if decoding and whole and self.graphed is not None and len(step) <= self.graphed.max_seqs:
             return self.graphed.run(tokens, batch.positions, batch.new_slots, batch.decode_tables,
                                     batch.decode_lengths).float()
+        if decoding and whole and self.native is not None:
+            return self.native_step(tokens, batch)
         compiled = decoding and len(step) <= FEW_ROWS and self.decode_path == "compiled"
         x = model.embed(torch.tensor([tokens], device=self.device))
         cos, sin = model.rope(batch.positions, x.dtype)
@@ -275,3 +284,12 @@ class ModelRunner:
             sampling = [i for i, entry in enumerate(step) if entry.samples]
             hidden = model.norm(x[0, ends[sampling].to(self.device)])
             return model.logits(hidden, self.head).float()
+
+    def native_step(self, tokens: list[int], batch: PagedBatch) -> torch.Tensor:
+        """A decode step in one C call through the blocks; every sequence samples."""
+        model = self.model
+        x = model.embed(torch.tensor(tokens))
+        cos, sin = model.rope(batch.positions, x.dtype)
+        x = self.native.run(x, cos, sin, batch.new_slots, batch.decode_tables, batch.decode_lengths)
+        with decode_step():
+            return model.logits(model.norm(x), self.head).float()

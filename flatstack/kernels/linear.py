@@ -1,18 +1,19 @@
-"""Linear layers for inference: float, weight-only int8 (per output channel) and int4 (group-wise).
+"""Linear layers for inference: float, int8 and int4 weights, the quantised ones in blocks of 32 along
+the input with a float16 scale each (GGUF's Q8_0 and Q4_1 layouts, so those files load as they are).
 
 Decoding multiplies a few rows by every weight matrix once per token, so it is bound by the bytes of
-weight read, not by arithmetic. The BLAS matrix-vector path reads float32 weights well below the
-memory bandwidth, and torch's packed int8/int4 CPU kernels slower still with float32 activations
-(docs/design.md has the figures). The fast path here
-is one fused reduction per product, compiled by TorchInductor into a vectorised C++ loop: each weight
-byte is read once, and quantised weights are unpacked and scaled inside the loop, so int8 reads a
-quarter and int4 an eighth of float32's bytes.
-Products called outside a compiled graph (the int8 LM head of every decode step) run in a C loop
-instead, kernels/int8_rows.c, which prefetches the weight rows ahead of the reduction.
-Many rows (a prompt) are compute-bound: they go through the BLAS GEMM, on float weights (dequantised
-for the call when quantised).
+weight read (and, for quantised weights on two cores, by the arithmetic of unpacking them), not by a GEMM's
+arithmetic. The BLAS matrix-vector path reads float32 weights well below the memory bandwidth, and
+torch's packed int8/int4 CPU kernels are slower still with float32 activations (docs/design.md). The fast
+path for 1 to NATIVE_ROWS float32 rows is the C kernel (kernels/linear_rows.c): each weight byte read once,
+quantised weights against activations quantised per block on the fly, multiplied with VNNI's integer dot
+products. Inside a compiled decode graph (bfloat16 models, engine/decode_graphs.py) the products are
+instead fused reductions compiled by TorchInductor. Many rows (a prompt) are compute-bound: float weights
+go through the BLAS GEMM, quantised ones through the C kernel up to NATIVE_ROWS rows and dequantised
+for the GEMM past that.
 
-Each layer's `reference` is the plain torch form the tests hold the fast path to.
+Each layer's `reference` is the plain torch form the tests hold the fast paths to; `quantized_reference`
+is the C kernel's own arithmetic (activations quantised as it quantises them) in torch.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from torch import nn
 from flatstack.kernels import native
 
 FEW_ROWS = 6  # at most this many rows take the fused reduction: past that, BLAS wins
-INT4_GROUP = 32
+NATIVE_ROWS = 64  # at most this many rows take the C kernels
+BLOCK = 32  # quantisation block along the input, for int8 and int4 weights and for the activations
 
 
 def float_rows(x, w):
@@ -36,7 +38,10 @@ def float_rows(x, w):
 
 
 def int8_rows(x, q, scale):
-    return (x[:, None, :] * q[None].float()).sum(-1) * scale
+    M, K = x.shape
+    N, groups = scale.shape
+    dot = (x.view(M, 1, groups, -1) * q.view(1, N, groups, -1).float()).sum(-1)  # [M, N, groups]
+    return (dot * scale.float()).sum(-1)
 
 
 def int4_rows(x, packed, scale, low):
@@ -104,17 +109,51 @@ def use_fused(x: torch.Tensor, in_graph: bool) -> bool:
                         and not torch.is_grad_enabled())
 
 
-def use_native(x: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Eager float32 int8 products go to the C kernel (kernels/native.py) if it built."""
-    return x.dtype == torch.float32 and scale.dtype == torch.float32 and native.library() is not None
+def use_native(x: torch.Tensor, layer: nn.Module, always: bool) -> bool:
+    """Whether `layer` runs x through the C kernel: float32 CPU rows, up to NATIVE_ROWS of them, called
+    eagerly, in a decode step unless `always` (quantised weights: the kernel also beats dequantising for a
+    short prompt), and the layer's format one the kernel reads."""
+    return (not layer.in_graph and x.dtype == torch.float32 and x.device.type == "cpu" and (always or _decoding)
+            and x.numel() // x.shape[-1] <= NATIVE_ROWS and not torch.is_grad_enabled()
+            and native.library() is not None and layer.kernel_weight() is not None)
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the C kernel sees it: rounded to int8 per block of BLOCK with the block's absmax / 127
+    as its scale (returned dequantised)."""
+    blocks = x.float().view(*x.shape[:-1], -1, BLOCK)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.full_like(amax, 127.0).div(amax)  # a true division, as C's (127 / amax is a reciprocal times 127)
+    q = torch.where(amax > 0, torch.round(blocks * inverse), torch.zeros_like(blocks))
+    return (q * (amax / 127)).view(x.shape)
+
+
+class KernelWeight:
+    """A layer's weight described for the C kernel once (native.describe), renewed if its tensors change."""
+
+    def __init__(self):
+        self.tensors: tuple = ()
+        self.struct = None
+
+    def get(self, kind: str, *tensors):
+        if len(self.tensors) != len(tensors) or any(a is not b for a, b in zip(self.tensors, tensors, strict=True)):
+            w, *rest = tensors
+            ok = w.device.type == "cpu" and all(t is None or t.is_contiguous() for t in tensors)
+            self.struct = native.describe(kind, *tensors) if ok else None
+            self.tensors = tensors
+        return self.struct
 
 
 def rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def float_bias(bias: nn.Parameter | None) -> torch.Tensor | None:
+    return None if bias is None or bias.dtype != torch.float32 else bias.data
+
+
 class FloatLinear(nn.Module):
-    """A float weight [N, K]; few rows through the fused reduction."""
+    """A float weight [N, K]; few rows through the C kernel (float32, bfloat16) or the fused reduction."""
 
     in_graph = False  # a copy inside a compiled decode graph (see `_decoding`)
 
@@ -122,66 +161,115 @@ class FloatLinear(nn.Module):
         super().__init__()
         self.register_buffer("weight", weight)  # a buffer: dynamo keeps parameter shapes static
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.kernel = KernelWeight()
+
+    def kernel_weight(self):
+        bias_ok = self.bias is None or self.bias.dtype == torch.float32
+        if self.weight.dtype not in (torch.float32, torch.bfloat16) or not bias_ok:
+            return None
+        return self.kernel.get(str(self.weight.dtype).removeprefix("torch."), self.weight, None, None,
+                               float_bias(self.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_native(x, self, always=False):
+            return native.linear_rows(self.kernel_weight(), rows(x)).view(*x.shape[:-1], -1)
         if not use_fused(x, self.in_graph):
             return F.linear(x, self.weight, self.bias)
         y = fused("float", self.in_graph)(rows(x), self.weight).view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
 
-class Int8Linear(nn.Module):
-    """Symmetric int8 weights with one float scale per output channel: w = q * scale."""
+class QuantizedLinear(nn.Module):
+    """What the int8 and int4 layers share: the dequantised reference, and the C kernel for few rows."""
 
     in_graph = False
+    kind = ""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        w = weight.float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("q", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(weight.dtype))
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    def dequantize(self) -> torch.Tensor:
-        return self.q.to(self.scale.dtype) * self.scale[:, None]
+    def kernel_weight(self):
+        if self.scale.shape[1] * BLOCK != self.in_features or (self.bias is not None and float_bias(self.bias) is None):
+            return None  # per-channel scales (an input size that is no multiple of BLOCK): the torch paths
+        return self.kernel.get(self.kind, *self.kernel_tensors(), float_bias(self.bias))
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize(), self.bias)
 
+    def quantized_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The C kernel's arithmetic in torch: activations quantised per block, as it does."""
+        return F.linear(quantize_activations(x).to(x.dtype), self.dequantize(), self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_native(x, self, always=True):
+            return native.linear_rows(self.kernel_weight(), rows(x)).view(*x.shape[:-1], -1)
         if not use_fused(x, self.in_graph):
             return self.reference(x)
-        if not self.in_graph and use_native(x, self.scale):  # called eagerly (the LM head): the C kernel
-            y = native.int8_rows(rows(x), self.q, self.scale).view(*x.shape[:-1], -1)
-        else:
-            y = fused("int8", self.in_graph)(rows(x), self.q, self.scale).to(x.dtype).view(*x.shape[:-1], -1)
+        y = fused(self.kind, self.in_graph)(rows(x).float(), *(t for t in self.kernel_tensors() if t is not None))
+        y = y.to(x.dtype).view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
 
-class Int4Linear(nn.Module):
-    """Asymmetric int4 weights in groups of 32 along the input: w = low + q * scale, q in 0..15, two
-    weights to a byte (a group's byte j: weight j in the low nibble, j + 16 in the high); scale and low
-    in float16 per group."""
+def blocks_of(K: int) -> int:
+    """The quantisation block for an input of K: BLOCK, or the whole row (one scale per output channel)
+    where K is no multiple of it."""
+    return BLOCK if K % BLOCK == 0 else K
 
-    in_graph = False
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group: int = INT4_GROUP):
+class Int8Linear(QuantizedLinear):
+    """Symmetric int8 weights in blocks of 32 along the input (GGUF's Q8_0): w = q * scale, one float16
+    scale per block."""
+
+    kind = "int8"
+
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None = None, *, q=None, scale=None):
         super().__init__()
-        N, K = weight.shape
-        if K % group:
-            raise ValueError(f"int4 needs the input size ({K}) to be a multiple of the group size {group}")
-        w = weight.float().view(N, K // group, group)
-        low, high = w.amin(-1), w.amax(-1)
-        scale = ((high - low) / 15).clamp(min=1e-8).half()
-        low = low.half()
-        q = ((w - low.float()[..., None]) / scale.float()[..., None]).round().clamp(0, 15).to(torch.uint8)
-        half = group // 2
-        self.register_buffer("packed", (q[..., :half] | (q[..., half:] << 4)).reshape(N, K // 2))
+        if weight is not None:
+            N, K = weight.shape
+            w = weight.float().view(N, K // blocks_of(K), -1)
+            scale = (w.abs().amax(-1).clamp(min=1e-12) / 127).half()
+            q = (w / scale.float()[..., None]).round().clamp(-127, 127).to(torch.int8).view(N, K)
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.in_features, self.out_dtype = q.shape[1], torch.float32 if weight is None else weight.dtype
+        self.kernel = KernelWeight()
+
+    def kernel_tensors(self) -> tuple:
+        return self.q, self.scale, None  # no offsets
+
+    def dequantize(self) -> torch.Tensor:
+        N, groups = self.scale.shape
+        w = self.q.view(N, groups, -1).float() * self.scale.float()[..., None]
+        return w.view(N, -1).to(self.out_dtype)
+
+
+class Int4Linear(QuantizedLinear):
+    """Asymmetric int4 weights in blocks of 32 along the input (GGUF's Q4_1; Q4_0 is the case low =
+    -8 * scale): w = low + q * scale, q in 0..15, two weights to a byte (a block's byte j: weight j in the
+    low nibble, j + 16 in the high); scale and low in float16 per block."""
+
+    kind = "int4"
+
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None = None, *, packed=None, scale=None,
+                 low=None):
+        super().__init__()
+        if weight is not None:
+            N, K = weight.shape
+            if K % BLOCK:
+                raise ValueError(f"int4 needs the input size ({K}) to be a multiple of the block size {BLOCK}")
+            w = weight.float().view(N, K // BLOCK, BLOCK)
+            low, high = w.amin(-1), w.amax(-1)
+            scale = ((high - low) / 15).clamp(min=1e-8).half()
+            low = low.half()
+            q = ((w - low.float()[..., None]) / scale.float()[..., None]).round().clamp(0, 15).to(torch.uint8)
+            packed = (q[..., : BLOCK // 2] | (q[..., BLOCK // 2 :] << 4)).reshape(N, K // 2)
+        self.register_buffer("packed", packed)
         self.register_buffer("scale", scale)
         self.register_buffer("low", low)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.out_dtype = weight.dtype
+        self.in_features, self.out_dtype = 2 * packed.shape[1], torch.float32 if weight is None else weight.dtype
+        self.kernel = KernelWeight()
+
+    def kernel_tensors(self) -> tuple:
+        return self.packed, self.scale, self.low
 
     def dequantize(self) -> torch.Tensor:
         N, groups = self.scale.shape
@@ -189,16 +277,6 @@ class Int4Linear(nn.Module):
         q = torch.cat([p & 15, p >> 4], dim=-1).float()
         w = q * self.scale.float()[..., None] + self.low.float()[..., None]
         return w.view(N, -1).to(self.out_dtype)
-
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize(), self.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not use_fused(x, self.in_graph):
-            return self.reference(x)
-        y = fused("int4", self.in_graph)(rows(x).float(), self.packed, self.scale, self.low)
-        y = y.to(x.dtype).view(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
 
 
 LINEARS = {"float": FloatLinear, "int8": Int8Linear, "int4": Int4Linear}

@@ -1,13 +1,13 @@
 """The C kernels beside this file, built on first use with the machine's C compiler (the one TorchInductor
 needs anyway on CPUs) for this CPU's instruction set into one library, cached by sources, flags and CPU,
 and called through ctypes:
-- int8_rows.c: the int8 products that run outside a compiled graph: the LM head of every decode step,
-  and every linear under `--enforce-eager`. Inside the compiled decode blocks the products stay
-  TorchInductor reductions, fused with the ops around them (a call out of the graph costs more than it
-  saves there).
-- paged_attention.c: decode attention through block tables for the decode steps that run eagerly (more
-  than FEW_ROWS sequences), reading each context where it lies in the pool instead of a gathered copy.
-Where no compiler works, `library()` is None and callers keep their torch paths.
+- linear_rows.c: the products of 1 to 64 rows with float32, bfloat16, int8 or int4 weights (the decode
+  steps' products and LM head), quantised ones against activations quantised on the fly (AVX-512 VNNI);
+- paged_attention.c: decode attention through block tables, reading each context where it lies in the
+  pool instead of a gathered copy;
+- decode_step.c: a whole decode step through a dense model's blocks in one call (engine/native_decode.py).
+Where no compiler works, `library()` is None and callers keep their torch paths; where the CPU lacks
+AVX-512 VNNI the kernels are plain loops (correct, slower), with one warning.
 """
 
 from __future__ import annotations
@@ -24,8 +24,27 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("int8_rows.c", "paged_attention.c")]
-HEADERS = [Path(__file__).with_name("vec.h")]
+SOURCES = [Path(__file__).with_name(name) for name in ("linear_rows.c", "paged_attention.c", "decode_step.c")]
+HEADERS = [Path(__file__).with_name(name) for name in ("vec.h", "linear_rows.h")]
+FORMATS = {"float32": 0, "bfloat16": 1, "int8": 2, "int4": 3}
+
+
+class Linear(ctypes.Structure):
+    """linear_rows.h's Linear: a weight as the kernels read it (its tensors are kept alive by the caller)."""
+
+    _fields_ = [("format", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("w", ctypes.c_void_p),
+                ("scale", ctypes.c_void_p), ("low", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+def describe(kind: str, w: torch.Tensor, scale=None, low=None, bias=None) -> Linear:
+    """The Linear struct of a weight [n, k] (int4: packed [n, k / 2]); every tensor must stay alive and
+    contiguous while the struct is used."""
+    k = w.shape[1] * (2 if kind == "int4" else 1)
+    return Linear(FORMATS[kind], w.shape[0], k, w.data_ptr(), address(scale), address(low), address(bias))
+
+
+def address(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC"]
 
 
@@ -77,21 +96,27 @@ def library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError) as e:
         warnings.warn(f"the C kernels are unavailable, using the torch paths: {e}", stacklevel=2)
         return None
-    lib.int8_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
-    lib.int8_rows.restype = None
+    lib.linear_rows.argtypes = [ctypes.POINTER(Linear), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.linear_rows.restype = None
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.decode_step.argtypes = [pointer, pointer, size, pointer, pointer, pointer, pointer, size, pointer]
+    lib.decode_step.restype = None
+    if not lib.linear_rows_vectorised():
+        warnings.warn("this CPU lacks AVX-512 VNNI (or the compiler does): the C kernels run as plain loops, "
+                      "correct but slower", stacklevel=2)
     lib.paged_decode.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float] * 2
                                  + [ctypes.c_int64] * 2)
     lib.paged_decode.restype = None
     return lib
 
 
-def int8_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] float32, q [N, K] int8, scale [N] float32 -> [M, N] float32 (the C kernel)."""
+def linear_rows(weight: Linear, x: torch.Tensor) -> torch.Tensor:
+    """x [M, k] float32 times the weight `describe` gave -> [M, n] float32 (the C kernel)."""
     lib = library()
-    assert lib is not None, "int8_rows called without the native library"
-    x, q, scale = x.contiguous(), q.contiguous(), scale.contiguous()
-    y = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
-    lib.int8_rows(x.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), x.shape[0], q.shape[0], q.shape[1])
+    assert lib is not None, "linear_rows called without the native library"
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], weight.n, dtype=torch.float32)
+    lib.linear_rows(ctypes.byref(weight), x.data_ptr(), y.data_ptr(), x.shape[0])
     return y
 
 

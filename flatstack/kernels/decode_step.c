@@ -1,0 +1,151 @@
+/* A decode step through every block of a dense model, in one call: the C form of `Block.forward` over a
+   step's M sequences of one new token each (model.py is the reference; engine/native_decode.py lays out
+   the weights and calls it). Built and loaded by kernels/native.py.
+
+   Called per op from Python, a block is some forty calls, each costing more than the arithmetic of a
+   decode step's few rows; compiled, it costs a long compile and still calls out for each product.
+   Here the block is plain loops around the products (linear_rows.c) and the attention through the
+   block tables (paged_attention.c), and the step's new keys and values go straight into the pool. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "linear_rows.h"
+
+enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2 };
+
+typedef struct {
+    const float *attn_norm, *ffn_norm, *post_attn_norm, *post_ffn_norm, *q_norm, *k_norm; /* NULL: absent */
+    Linear q, k, v, o, gate, up, down;
+    float *k_pool, *v_pool; /* this layer's [n_kv_heads, num_blocks, block_size, head_dim] */
+} Layer;
+
+typedef struct {
+    int64_t n_layers, d_model, n_heads, n_kv_heads, head_dim, ffn_dim, num_blocks, block_size;
+    int64_t activation, window, temperature_len; /* window, temperature_len <= 0: none */
+    float eps, scale, softcap;                   /* softcap <= 0: none */
+    const Layer* layers;
+} Model;
+
+void paged_decode(const float* q, const float* k_pool, const float* v_pool, const int64_t* tables,
+                  const int64_t* lengths, float* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                  int64_t num_blocks, int64_t bs, int64_t width, float scale, float softcap, int64_t window,
+                  int64_t temperature_len);
+
+/* out = x / rms(x) * weight over rows of n (F.rms_norm in float32) */
+static void rms_norm(const float* x, const float* weight, float* out, int64_t rows, int64_t n, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float* xr = x + r * n;
+        float ss = 0.0f;
+        for (int64_t i = 0; i < n; i++) ss += xr[i] * xr[i];
+        float inv = 1.0f / sqrtf(ss / n + eps);
+        for (int64_t i = 0; i < n; i++) out[r * n + i] = xr[i] * inv * weight[i];
+    }
+}
+
+/* rotate each head's pairs (i, i + D/2) by the row's angles (model.apply_rope); x [M, heads, D] */
+static void rope(float* x, const float* cos, const float* sin, int64_t M, int64_t heads, int64_t D) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t h = 0; h < heads; h++) {
+            float* v = x + (m * heads + h) * D;
+            const float *c = cos + m * D, *s = sin + m * D;
+            for (int64_t i = 0; i < D / 2; i++) {
+                float a = v[i], b = v[i + D / 2];
+                v[i] = a * c[i] - b * s[i];
+                v[i + D / 2] = b * c[i + D / 2] + a * s[i + D / 2];
+            }
+        }
+}
+
+static float activate(float g, int64_t kind) {
+    if (kind == ACT_SILU) return g / (1.0f + expf(-g));
+    if (kind == ACT_GELU) return 0.5f * g * (1.0f + erff(g * 0.70710678f));
+    float inner = 0.7978845608f * (g + 0.044715f * g * g * g);
+    return 0.5f * g * (1.0f + tanhf(inner));
+}
+
+/* the products that share one input: its quantised rows are made once for all of them */
+static void products(const float* x, int64_t M, const Linear* const* Ls, float* const* ys, int count,
+                     int8_t* xq, float* xs, float* xsum) {
+    int quantised = Ls[0]->format >= 2;
+    if (quantised) quantize_rows(x, M, Ls[0]->k, xq, xs, xsum);
+    for (int i = 0; i < count; i++) linear_quantised(Ls[i], x, xq, xs, xsum, ys[i], M);
+}
+
+typedef struct {
+    float *h, *q, *k, *v, *att, *g, *u, *xs, *xsum;
+    int8_t* xq;
+} Scratch;
+
+static void attention(const Model* m, const Layer* L, const Scratch* s, int64_t M, const float* cos,
+                      const float* sin, const int64_t* slots, const int64_t* tables, int64_t width,
+                      const int64_t* lengths) {
+    int64_t D = m->head_dim, H = m->n_heads, Hkv = m->n_kv_heads, bs = m->block_size;
+    const Linear* qkv[3] = {&L->q, &L->k, &L->v};
+    float* outs[3] = {s->q, s->k, s->v};
+    products(s->h, M, qkv, outs, 3, s->xq, s->xs, s->xsum);
+    if (L->q_norm) {
+        rms_norm(s->q, L->q_norm, s->q, M * H, D, m->eps);
+        rms_norm(s->k, L->k_norm, s->k, M * Hkv, D, m->eps);
+    }
+    rope(s->q, cos, sin, M, H, D);
+    rope(s->k, cos, sin, M, Hkv, D);
+    for (int64_t i = 0; i < M; i++) /* the new keys and values into their slots */
+        for (int64_t h = 0; h < Hkv; h++) {
+            int64_t at = ((h * m->num_blocks + slots[i] / bs) * bs + slots[i] % bs) * D;
+            memcpy(L->k_pool + at, s->k + (i * Hkv + h) * D, sizeof(float) * D);
+            memcpy(L->v_pool + at, s->v + (i * Hkv + h) * D, sizeof(float) * D);
+        }
+    paged_decode(s->q, L->k_pool, L->v_pool, tables, lengths, s->att, M, H, Hkv, D, m->num_blocks, bs, width,
+                 m->scale, m->softcap, m->window, m->temperature_len);
+}
+
+static void block(const Model* m, const Layer* L, const Scratch* s, float* x, int64_t M, const float* cos,
+                  const float* sin, const int64_t* slots, const int64_t* tables, int64_t width,
+                  const int64_t* lengths) {
+    int64_t Dm = m->d_model, F = m->ffn_dim;
+    rms_norm(x, L->attn_norm, s->h, M, Dm, m->eps);
+    attention(m, L, s, M, cos, sin, slots, tables, width, lengths);
+    const Linear* o[1] = {&L->o};
+    float* h[1] = {s->h};
+    products(s->att, M, o, h, 1, s->xq, s->xs, s->xsum);
+    if (L->post_attn_norm) rms_norm(s->h, L->post_attn_norm, s->h, M, Dm, m->eps);
+    for (int64_t i = 0; i < M * Dm; i++) x[i] += s->h[i];
+    rms_norm(x, L->ffn_norm, s->h, M, Dm, m->eps);
+    const Linear* gate_up[2] = {&L->gate, &L->up};
+    float* gu[2] = {s->g, s->u};
+    products(s->h, M, gate_up, gu, 2, s->xq, s->xs, s->xsum);
+    for (int64_t i = 0; i < M * F; i++) s->g[i] = activate(s->g[i], m->activation) * s->u[i];
+    const Linear* down[1] = {&L->down};
+    products(s->g, M, down, h, 1, s->xq, s->xs, s->xsum);
+    if (L->post_ffn_norm) rms_norm(s->h, L->post_ffn_norm, s->h, M, Dm, m->eps);
+    for (int64_t i = 0; i < M * Dm; i++) x[i] += s->h[i];
+}
+
+/* x [M, d_model] (in place: the step's embedded tokens in, the last block's output out); cos, sin
+   [M, head_dim]; slots [M] where each new key and value goes; tables [M, width]; lengths [M], each
+   sequence's context including its new token */
+void decode_step(const Model* m, float* x, int64_t M, const float* cos, const float* sin, const int64_t* slots,
+                 const int64_t* tables, int64_t width, const int64_t* lengths) {
+    int64_t widest = m->d_model > m->ffn_dim ? m->d_model : m->ffn_dim;
+    int64_t qd = m->n_heads * m->head_dim, kvd = m->n_kv_heads * m->head_dim;
+    widest = widest > qd ? widest : qd;
+    Scratch s = {
+        .h = malloc(sizeof(float) * M * (m->d_model > qd ? m->d_model : qd)),
+        .q = malloc(sizeof(float) * M * qd),
+        .k = malloc(sizeof(float) * M * kvd),
+        .v = malloc(sizeof(float) * M * kvd),
+        .att = malloc(sizeof(float) * M * qd),
+        .g = malloc(sizeof(float) * M * m->ffn_dim),
+        .u = malloc(sizeof(float) * M * m->ffn_dim),
+        .xs = malloc(sizeof(float) * (M * widest / 32 + 1)),
+        .xsum = malloc(sizeof(float) * (M * widest / 32 + 1)),
+        .xq = malloc(M * widest + 64),
+    };
+    for (int64_t l = 0; l < m->n_layers; l++)
+        block(m, &m->layers[l], &s, x, M, cos, sin, slots, tables, width, lengths);
+    free(s.h), free(s.q), free(s.k), free(s.v), free(s.att), free(s.g), free(s.u), free(s.xs), free(s.xsum),
+        free(s.xq);
+}

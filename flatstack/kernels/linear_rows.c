@@ -1,0 +1,286 @@
+/* y [M, N] = x [M, K] times a weight [N, K] in one of four formats, for the 1 to 64 rows of a decode
+   step. Built and loaded by kernels/native.py; kernels/linear.py holds the torch references.
+
+   A decode step reads every weight byte once and does a few multiply-adds with it, so the loops are
+   built around the weight stream:
+   - a tile of R weight rows times up to MT activation rows: R * MT independent accumulators share each
+     weight load (unpacked once, used MT times) and each activation load (used R times);
+   - a software prefetch of the next tile's rows: short rows end before the hardware prefetcher ramps up.
+   Quantised weights (int8 and int4, both in blocks of 32 along K with float16 scales: GGUF's Q8_0 and
+   Q4_1 layouts) meet activations quantised per row to int8 in blocks of 32 (as llama.cpp does): each
+   block is one 32-byte integer dot product (VNNI's vpdpbusd), scaled once. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "linear_rows.h"
+#include "vec.h"
+
+#define R 4       /* weight rows per tile */
+#define MT 4      /* activation rows per tile */
+#define QB 32     /* quantisation block */
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) bits = sign | 0x7f800000 | (man << 13);
+    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
+    else if (!man) bits = sign;
+    else { /* subnormal: renormalise */
+        exp = 113;
+        while (!(man & 0x400)) { man <<= 1; exp--; }
+        bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float bf16_to_float(uint16_t b) {
+    uint32_t bits = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* ---------------------------------------------------------------------------------------------
+   activations quantised per row in blocks of 32: x ~ xs[b] * xq, and xsum[b] = sum of the block's xq
+   (int4's offset term needs it) */
+
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs, float* xsum) {
+    int64_t blocks = K / QB;
+    for (int64_t i = 0; i < M * blocks; i++) {
+        const float* v = x + i * QB;
+        float amax = 0.0f;
+        for (int j = 0; j < QB; j++) amax = fmaxf(amax, fabsf(v[j]));
+        float s = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < QB; j++) {
+            int q = (int)nearbyintf(v[j] * inv);
+            xq[i * QB + j] = (int8_t)q;
+            sum += q;
+        }
+        xs[i] = s;
+        xsum[i] = (float)sum * s;
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define VECTOR 1
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline __m512 load_bf16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+/* float32 and bfloat16 weights: sixteen lanes per accumulator */
+static inline __attribute__((always_inline)) void float_tile(const float* x, const void* w, int bf16, float* y,
+                                                             int64_t K, int64_t N, int mt, int r,
+                                                             const char* ahead) {
+    __m512 acc[MT][R];
+    for (int i = 0; i < mt; i++)
+        for (int j = 0; j < r; j++) acc[i][j] = _mm512_setzero_ps();
+    int64_t Kv = K - K % 16;
+    for (int64_t k = 0; k < Kv; k += 16) {
+        if (ahead) /* R rows of 16 weights each step: 2 or 4 cache lines */
+            for (int line = 0; line < (bf16 ? 2 : 4) * R * 16; line += 64) __builtin_prefetch(ahead + (bf16 ? 2 : 4) * R * k + line);
+        __m512 wv[R];
+        for (int j = 0; j < r; j++)
+            wv[j] = bf16 ? load_bf16((const uint16_t*)w + j * K + k) : _mm512_loadu_ps((const float*)w + j * K + k);
+        for (int i = 0; i < mt; i++) {
+            __m512 xv = _mm512_loadu_ps(x + i * K + k);
+            for (int j = 0; j < r; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < mt; i++)
+        for (int j = 0; j < r; j++) {
+            float s = _mm512_reduce_add_ps(acc[i][j]);
+            for (int64_t k = Kv; k < K; k++)
+                s += x[i * K + k] * (bf16 ? bf16_to_float(((const uint16_t*)w)[j * K + k]) : ((const float*)w)[j * K + k]);
+            y[i * N + j] = s;
+        }
+}
+
+/* one block of 32 int8 weights, signed, against 32 int8 activations: vpdpbusd multiplies unsigned by
+   signed bytes, so the activations' signs move onto the weights (llama.cpp's trick) */
+static inline __m256i dot_i8(__m256i w, __m256i x) {
+    __m256i ax = _mm256_sign_epi8(x, x), sw = _mm256_sign_epi8(w, x);
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sw);
+}
+
+/* one Q4_1 block's 16 bytes -> its 32 weights 0..15 as bytes, in order (byte j holds weights j and j + 16) */
+static inline __m256i unpack_q4(const uint8_t* p) {
+    __m128i b = _mm_loadu_si128((const __m128i*)p), mask = _mm_set1_epi8(15);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask));
+}
+
+static inline __attribute__((always_inline)) void quant_tile(const Linear* L, int64_t n0, const int8_t* xq,
+                                                             const float* xs, const float* xsum, float* y,
+                                                             int mt, int r, const char* ahead) {
+    int64_t K = L->k, N = L->n, G = K / QB;
+    int int4 = L->format == FORMAT_INT4;
+    int64_t row_bytes = int4 ? K / 2 : K;
+    const uint8_t* w = (const uint8_t*)L->w + n0 * row_bytes;
+    const uint16_t* sc = (const uint16_t*)L->scale + n0 * G;
+    __m256 acc[MT][R];
+    for (int i = 0; i < mt; i++)
+        for (int j = 0; j < r; j++) acc[i][j] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < G; b++) {
+        if (ahead) /* R rows of one block each step: 1 or 2 cache lines */
+            for (int line = 0; line < R * (int4 ? 16 : 32); line += 64) __builtin_prefetch(ahead + R * b * (int4 ? 16 : 32) + line);
+        __m256i wv[R];
+        float d[R];
+        for (int j = 0; j < r; j++) {
+            const uint8_t* blk = w + j * row_bytes + b * (int4 ? 16 : 32);
+            wv[j] = int4 ? unpack_q4(blk) : _mm256_loadu_si256((const __m256i*)blk);
+            d[j] = _cvtsh_ss(sc[j * G + b]);
+        }
+        for (int i = 0; i < mt; i++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + (i * G + b) * QB));
+            float s = xs[i * G + b];
+            for (int j = 0; j < r; j++) {
+                __m256i dot = int4 ? _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv[j], xv) : dot_i8(wv[j], xv);
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s * d[j]), acc[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < mt; i++)
+        for (int j = 0; j < r; j++) {
+            float s = hsum8(acc[i][j]);
+            if (int4) { /* the blocks' offsets: low[b] * sum of the block's activations */
+                const uint16_t* low = (const uint16_t*)L->low + (n0 + j) * G;
+                for (int64_t b = 0; b < G; b++) s += _cvtsh_ss(low[b]) * xsum[i * G + b];
+            }
+            y[i * N + j] = s;
+        }
+}
+
+#else
+#define VECTOR 0
+
+/* no AVX-512 VNNI: the same arithmetic in plain loops (kernels/native.py warns once) */
+static inline void float_tile(const float* x, const void* w, int bf16, float* y, int64_t K, int64_t N, int mt,
+                              int r, const char* ahead) {
+    (void)ahead;
+    for (int i = 0; i < mt; i++)
+        for (int j = 0; j < r; j++) {
+            float s = 0.0f;
+            for (int64_t k = 0; k < K; k++)
+                s += x[i * K + k] * (bf16 ? bf16_to_float(((const uint16_t*)w)[j * K + k]) : ((const float*)w)[j * K + k]);
+            y[i * N + j] = s;
+        }
+}
+
+static inline void quant_tile(const Linear* L, int64_t n0, const int8_t* xq, const float* xs, const float* xsum,
+                              float* y, int mt, int r, const char* ahead) {
+    (void)ahead;
+    int64_t K = L->k, N = L->n, G = K / QB;
+    int int4 = L->format == FORMAT_INT4;
+    for (int i = 0; i < mt; i++)
+        for (int j = 0; j < r; j++) {
+            int64_t n = n0 + j;
+            float s = 0.0f;
+            for (int64_t b = 0; b < G; b++) {
+                int dot = 0;
+                for (int t = 0; t < QB; t++) {
+                    int q;
+                    if (int4) {
+                        uint8_t byte = ((const uint8_t*)L->w)[n * K / 2 + b * 16 + t % 16];
+                        q = t < 16 ? byte & 15 : byte >> 4;
+                    } else {
+                        q = ((const int8_t*)L->w)[n * K + b * QB + t];
+                    }
+                    dot += q * xq[(i * G + b) * QB + t];
+                }
+                s += (float)dot * xs[i * G + b] * half_to_float(((const uint16_t*)L->scale)[n * G + b]);
+                if (int4) s += half_to_float(((const uint16_t*)L->low)[n * G + b]) * xsum[i * G + b];
+            }
+            y[i * N + j] = s;
+        }
+}
+#endif
+
+int linear_rows_vectorised(void) { return VECTOR; }
+
+/* one tile, its sizes as constants so that the accumulators stay in registers */
+#define TILE(mt_, r_)                                                                                          \
+    (quantised ? quant_tile(L, n0, xq + m0 * K, xs + m0 * G, xsum + m0 * G, y + m0 * N + n0, mt_, r_, ahead)      \
+               : float_tile(x + m0 * K, (const char*)L->w + n0 * K * esize, bf16, y + m0 * N + n0, K, N, mt_, r_, ahead))
+
+static void tile(const Linear* L, int quantised, int bf16, int64_t esize, const float* x, const int8_t* xq,
+                 const float* xs, const float* xsum, float* y, int64_t m0, int64_t n0, int mt, int r,
+                 const char* ahead) {
+    int64_t K = L->k, N = L->n, G = K / QB;
+    (void)G;
+    if (r == R) {
+        switch (mt) {
+        case 4: TILE(4, R); break;
+        case 3: TILE(3, R); break;
+        case 2: TILE(2, R); break;
+        default: TILE(1, R); break;
+        }
+    } else {
+        switch (mt) {
+        case 4: TILE(4, 1); break;
+        case 3: TILE(3, 1); break;
+        case 2: TILE(2, 1); break;
+        default: TILE(1, 1); break;
+        }
+    }
+}
+
+static int64_t row_bytes(const Linear* L) {
+    switch (L->format) {
+    case FORMAT_F32: return 4 * L->k;
+    case FORMAT_BF16: return 2 * L->k;
+    case FORMAT_INT8: return L->k;
+    default: return L->k / 2;
+    }
+}
+
+/* y [M, n] (+ bias) for activations x [M, k]; xq, xs, xsum: x quantised by quantize_rows (quantised
+   formats only). Threads split the weight rows: whole tiles of R, then the last n % R rows one by one. */
+void linear_quantised(const Linear* L, const float* x, const int8_t* xq, const float* xs, const float* xsum,
+                      float* y, int64_t M) {
+    int64_t N = L->n, full = N / R, rb = row_bytes(L);
+    int quantised = L->format == FORMAT_INT8 || L->format == FORMAT_INT4, bf16 = L->format == FORMAT_BF16;
+    int64_t esize = bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < full + N % R; t++) {
+        int64_t n0 = t < full ? t * R : full * R + (t - full);
+        int r = t < full ? R : 1;
+        /* the next tile's rows are fetched while the first activation rows run */
+        const char* next = t + 1 < full ? (const char*)L->w + (n0 + R) * rb : NULL;
+        for (int64_t m0 = 0; m0 < M; m0 += MT) {
+            int mt = M - m0 < MT ? (int)(M - m0) : MT;
+            tile(L, quantised, bf16, esize, x, xq, xs, xsum, y, m0, n0, mt, r, m0 == 0 ? next : NULL);
+        }
+    }
+    if (L->bias)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = 0; n < N; n++) y[m * N + n] += L->bias[n];
+}
+
+void linear_rows(const Linear* L, const float* x, float* y, int64_t M) {
+    int64_t G = L->k / QB;
+    int quantised = L->format == FORMAT_INT8 || L->format == FORMAT_INT4;
+    int8_t* xq = NULL;
+    float *xs = NULL, *xsum = NULL;
+    if (quantised) {
+        xq = malloc(M * L->k + 64);
+        xs = malloc(sizeof(float) * (M * G + 1));
+        xsum = malloc(sizeof(float) * (M * G + 1));
+        quantize_rows(x, M, L->k, xq, xs, xsum);
+    }
+    linear_quantised(L, x, xq, xs, xsum, y, M);
+    free(xq);
+    free(xs);
+    free(xsum);
+}

@@ -1,0 +1,59 @@
+"""The C decode step (engine/native_decode.py, kernels/decode_step.c) against the engine's eager step on
+the same pool: every dense variant the model file has (biases, q/k norms, Grok's four norms and soft cap,
+a sliding window, Grok-2's temperature, the three activations), every weight format, sequences of
+different lengths across block boundaries."""
+
+import copy
+
+import pytest
+import torch
+
+from flatstack.engine.runner import ModelRunner, Planned
+from flatstack.model import ModelConfig, Transformer
+
+SMALL = dict(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96,
+             max_seq_len=64)
+CONFIGS = {
+    "llama-bias-qknorm": ModelConfig(**SMALL, qkv_bias=True, qk_norm=True),
+    "grok-dense": ModelConfig(**SMALL, attn_logit_softcap=30.0, norm_layout="sandwich", activation="gelu_tanh"),
+    "window": ModelConfig(**SMALL, sliding_window=5),
+    "temperature": ModelConfig(**SMALL, attn_temperature_len=4, activation="gelu", attn_logit_softcap=30.0),
+}
+BLOCK = 4
+PROMPTS = [[5, 9, 2], list(range(10, 19)), list(range(30, 44))]
+TABLES = [[3, 0, 7], [1, 2, 4, 11], [5, 6, 8, 9, 10]]
+
+
+def runners(name: str, weights: str) -> tuple[ModelRunner, ModelRunner]:
+    model = Transformer(CONFIGS[name]).init_weights(seed=1, std=0.2).eval()
+    eager, native = (ModelRunner(copy.deepcopy(model), 12, BLOCK, weights, compile_decode=c) for c in (False, True))
+    assert eager.decode_path == "eager" and native.decode_path == "native"
+    return eager, native
+
+
+@pytest.mark.parametrize("weights", ["float", "int8", "int4"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_the_c_decode_step_equals_the_eager_step(name, weights):
+    eager, native = runners(name, weights)
+    prefill = [Planned(p, 0, t, True) for p, t in zip(PROMPTS, TABLES, strict=True)]
+    first = [r.execute(prefill) for r in (eager, native)]
+    torch.testing.assert_close(first[1], first[0], rtol=0, atol=0)  # the same path: prefill is not native
+    tokens = first[0].argmax(-1).tolist()
+    for step in range(4):
+        decode = [Planned([tok], len(p) + step, t, True) for tok, p, t in zip(tokens, PROMPTS, TABLES, strict=True)]
+        want, got = (r.execute(decode) for r in (eager, native))
+        # quantised: the activations are rounded to int8 in both, and a last-bit difference upstream can move
+        # one of them by a step
+        tolerance = 1e-4 if weights == "float" else 2e-2
+        assert (got - want).abs().max() <= tolerance * want.abs().max(), step
+        tokens = want.argmax(-1).tolist()
+    for layer in range(CONFIGS[name].n_layers):  # the pools hold the same keys and values
+        torch.testing.assert_close(native.pool.k[layer], eager.pool.k[layer], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(native.pool.v[layer], eager.pool.v[layer], rtol=1e-3, atol=1e-3)
+
+
+def test_models_the_c_step_does_not_run_keep_their_paths():
+    moe = Transformer(ModelConfig(**SMALL, n_experts=4)).init_weights(seed=1).eval()
+    assert ModelRunner(moe, 12, BLOCK).native is None
+    bf16 = Transformer(ModelConfig(**SMALL)).init_weights(seed=1).eval().to(torch.bfloat16)
+    assert ModelRunner(bf16, 12, BLOCK).native is None
