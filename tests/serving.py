@@ -49,11 +49,12 @@ class ServerURL(str):
 
 
 @contextlib.contextmanager
-def running_server(ckpt, *extra: str):
+def running_server(ckpt, *extra: str, key: str | None = KEY):
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flatstack.cli", "serve", str(ckpt), "--port", str(port), "--api-key", KEY,
-         "--served-model-name", MODEL, "--kv-cache-memory", "4M", *extra],
+        [sys.executable, "-m", "flatstack.cli", "serve", str(ckpt), "--port", str(port),
+         *(["--api-key", key] if key is not None else []), "--served-model-name", MODEL, "--kv-cache-memory", "4M",
+         *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = ServerURL(f"http://127.0.0.1:{port}")
     url.pid = proc.pid

@@ -2,8 +2,8 @@
 
 config.py (ServerConfig), protocol.py (request and response bodies, their mapping to SamplingParams),
 http.py (API key, body limits and timeouts before any route), metrics.py (Prometheus exposition),
-routes.py (the routes), app.py (the app, and serve()). The engine runs on the engine loop's thread
-(flatstack/engine/loop.py).
+routes.py (the routes), page.py (the chat page at /: ui/index.html), app.py (the app, and serve()).
+The engine runs on the engine loop's thread (flatstack/engine/loop.py).
 """
 
 from __future__ import annotations

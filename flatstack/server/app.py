@@ -25,6 +25,7 @@ from flatstack.server import routes
 from flatstack.server.config import ServerConfig
 from flatstack.server.http import Guard, protocol
 from flatstack.server.metrics import Metrics
+from flatstack.server.page import add_page
 from flatstack.server.protocol import APIError, choice_seed
 
 
@@ -119,6 +120,9 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
     open_paths = {"/health"} | ({"/metrics"} if config.metrics_without_key else set())
+    if config.ui:
+        add_page(app)
+        open_paths.add("/")  # the page holds no secret: it asks for the key and sends it itself
     app.add_middleware(Guard, api_key=config.api_key, open_paths=open_paths, max_body_bytes=config.max_body_bytes,
                        body_timeout=config.body_timeout, on_status=served.metrics.count)
     return app
@@ -143,7 +147,8 @@ def serve(llm: LLM, config: ServerConfig, host: str, port: int) -> None:
             raise OSError(f"cannot serve on {host}:{port} (is the port in use?)")
         time.sleep(0.05)
     signal.signal(signal.SIGTERM, lambda *_: engine.stop())
-    print(f"flatstack serve: {config.served_model_name} on http://{host}:{port}/v1", flush=True)
+    page = f", chat page at http://{host}:{port}/" if config.ui else ""
+    print(f"flatstack serve: {config.served_model_name} on http://{host}:{port}/v1{page}", flush=True)
     try:
         engine.run()
     except KeyboardInterrupt:

@@ -20,3 +20,4 @@ class ServerConfig:
     keep_alive_timeout: float = setting(5.0, "seconds an idle connection stays open between requests")
     max_connections: int = setting(512, "connections open at once; past it, 503")
     slow_reader_timeout: float = setting(30.0, "a stream whose client reads nothing this long is ended")
+    ui: bool = setting(True, "serve the chat page at /")
