@@ -2,7 +2,8 @@
 baseline measured in the same run, and the ratio.
 
 `flatstack bench decode MODEL`: batch-1 decode tokens/s against the memory-bandwidth roofline (bytes
-each token reads over the measured read bandwidth), beside Hugging Face transformers' `generate`.
+each token reads over the measured read bandwidth), beside Hugging Face transformers' `generate`, and with
+`--llama-cpp` beside llama.cpp at the same precision (bench_llama_cpp.py).
 
 `flatstack bench throughput MODEL`: an offline batch of requests with random prompt and output lengths
 (ignore EOS), total output tokens/s and MFU, beside transformers' batched `generate` on the same requests.
@@ -14,8 +15,6 @@ bench_kernels.py.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -67,36 +66,6 @@ def random_prompt(vocab_size: int, n: int, seed: int) -> list[int]:
     return torch.randint(min(100, vocab_size - 1), vocab_size, (n,), generator=gen).tolist()
 
 
-LLAMA_CPP_DECODE = """
-import json, sys, time
-from llama_cpp import Llama
-path, prompt, max_tokens, threads = json.loads(sys.argv[1])
-llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=len(prompt) + max_tokens,
-            n_batch=len(prompt), verbose=False)
-def run():
-    t0, stamps = time.perf_counter(), []
-    for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
-        stamps.append(time.perf_counter())
-        if len(stamps) == max_tokens:
-            break
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), stamps[0] - t0
-run()  # warm-up
-print(json.dumps(run()))
-"""
-
-
-def llama_cpp_decode(gguf: str, prompt: list[int], max_tokens: int) -> tuple[float, float]:
-    """Greedy decode tokens/s and time to first token of llama.cpp (llama-cpp-python) on the same GGUF file
-    with as many threads as torch uses, in a process of its own (two OpenMP-style thread pools in one
-    process would compete for the cores)."""
-    args = json.dumps([gguf, prompt, max_tokens, torch.get_num_threads()])
-    out = subprocess.run([sys.executable, "-c", LLAMA_CPP_DECODE, args], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise ChildProcessError(f"llama.cpp failed on {gguf} (exit {out.returncode}): {out.stderr.strip()[-600:]}")
-    tokens_per_s, first = json.loads(out.stdout.strip().splitlines()[-1])
-    return tokens_per_s, first
-
-
 def transformers_decode(model_path: str, prompt: list[int], max_tokens: int,
                         device: torch.device = CPU) -> tuple[float, float]:
     """Greedy decode tokens/s and time to first token of transformers' `generate` on the same model (float32
@@ -124,25 +93,28 @@ def float_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def llama_cpp_report(model_path: str, prompt: list[int], max_tokens: int, repeats: int, measured,
-                     report: dict) -> dict:
-    import llama_cpp as lc
+def measured_run(decode, per_token: int, dev: torch.device) -> dict:
+    """One decode run between two read-bandwidth measurements, the higher of which is its ceiling: on a
+    shared machine the bandwidth moves by more than half from minute to minute, and a ceiling measured at
+    another moment than the run would make its fraction mean nothing."""
+    before = memory_bandwidth(dev)
+    tokens_per_s, first = decode()
+    bandwidth = max(before, memory_bandwidth(dev))
+    return {"decode_tokens_per_s": tokens_per_s, "fraction_of_roofline": tokens_per_s * per_token / bandwidth,
+            "memory_read_bandwidth_bytes_per_s": bandwidth, "time_to_first_token_s": first}
 
-    runs = [measured(lambda: llama_cpp_decode(model_path, prompt, max_tokens)) for _ in range(repeats)]
-    for r in runs:  # it reads the file's own quantised bytes, not our bytes_per_token
-        del r["fraction_of_roofline"]
-    run = sorted(runs, key=lambda r: r["decode_tokens_per_s"])[(repeats - 1) // 2]
-    return {"llama_cpp": {"name": f"llama.cpp (llama-cpp-python {lc.__version__}), the GGUF file as stored, "
-                                  f"{torch.get_num_threads()} threads", **run, "runs": runs},
-            "ratio_to_llama_cpp": report["flatstack"]["decode_tokens_per_s"] / run["decode_tokens_per_s"]}
+
+def median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: r["fraction_of_roofline"])[(len(runs) - 1) // 2]
 
 
 def bench_decode(model_path: str, prompt_tokens: int = 128, max_tokens: int = 128, quantize: str | None = None,
                  baseline: bool = True, repeats: int = 3, llama_cpp: bool = False, device: str | None = None) -> dict:
-    """Batch-1 decode after warm-up, `repeats` times. The read bandwidth is measured right before and right
-    after each run and the higher of the two is that run's ceiling: on a shared machine the bandwidth
-    moves by more than half from minute to minute, and a ceiling measured at another moment than the run
-    would make its fraction mean nothing. The summary is the run with the median fraction; all are listed."""
+    """Batch-1 decode after warm-up, `repeats` times, each run against the bandwidth measured around it
+    (measured_run); the summary is the run with the median fraction, all are listed. With `llama_cpp`,
+    llama.cpp runs between flatstack's runs, so each pair meets the same moment of the machine, on a GGUF
+    file of the same precision (bench_llama_cpp.llama_cpp_gguf)."""
+    from flatstack import bench_llama_cpp
     from flatstack.engine import LLM, SamplingParams
 
     dev = torch.device(device or "cpu")
@@ -151,30 +123,28 @@ def bench_decode(model_path: str, prompt_tokens: int = 128, max_tokens: int = 12
     model = llm.model
     prompt = random_prompt(model.cfg.vocab_size, prompt_tokens, 0)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    per_token = bytes_per_decode_token(model, llm.runner.head, prompt_tokens + max_tokens / 2)
+    context = prompt_tokens + max_tokens / 2
+    per_token = bytes_per_decode_token(model, llm.runner.head, context)
     t0 = time.perf_counter()
     llm.warm_up(wait=True)
     warm_up_s = time.perf_counter() - t0
-
-    def measured(decode) -> dict:
-        before = memory_bandwidth(dev)
-        tokens_per_s, first = decode()
-        bandwidth = max(before, memory_bandwidth(dev))
-        return {"decode_tokens_per_s": tokens_per_s, "fraction_of_roofline": tokens_per_s * per_token / bandwidth,
-                "memory_read_bandwidth_bytes_per_s": bandwidth, "time_to_first_token_s": first}
+    gguf = bench_llama_cpp.llama_cpp_gguf(model_path, quantize or "float", model, context) if llama_cpp else None
 
     def ours():
         t0 = time.perf_counter()
         stamps = [time.perf_counter() for _ in llm.stream(prompt, params)]
         return (len(stamps) - 1) / (stamps[-1] - stamps[0]), stamps[0] - t0
 
-    runs = [measured(ours) for _ in range(repeats)]
-    median = sorted(runs, key=lambda r: r["fraction_of_roofline"])[(repeats - 1) // 2]
+    runs, theirs = [], []
+    for _ in range(repeats):
+        runs.append(measured_run(ours, per_token, dev))
+        if gguf:
+            decode = lambda: bench_llama_cpp.llama_cpp_decode(gguf["path"], prompt, max_tokens)  # noqa: E731
+            theirs.append(measured_run(decode, gguf["bytes_per_token"], dev))
+    median = median_run(runs)
     bandwidth = median["memory_read_bandwidth_bytes_per_s"]
     report = {
-        "benchmark": "decode",
-        "device": device_name(dev),
-        "model": model_path,
+        "benchmark": "decode", "device": device_name(dev), "model": model_path,
         "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
         "weights": quantize or "float",
         "prompt_tokens": prompt_tokens, "new_tokens": max_tokens,
@@ -188,15 +158,39 @@ def bench_decode(model_path: str, prompt_tokens: int = 128, max_tokens: int = 12
                       "runs": runs},
     }
     if baseline:
-        run = measured(lambda: transformers_decode(model_path, prompt, max_tokens, dev))
+        run = measured_run(lambda: transformers_decode(model_path, prompt, max_tokens, dev), per_token, dev)
         import transformers
 
         name = f"transformers {transformers.__version__} generate, {str(float_dtype(dev)).removeprefix('torch.')}"
         report["baseline"] = {"name": name, **run}
         report["ratio"] = report["flatstack"]["decode_tokens_per_s"] / run["decode_tokens_per_s"]
-    if llama_cpp:  # llama.cpp on the same file, as it stores it
-        report.update(llama_cpp_report(model_path, prompt, max_tokens, repeats, measured, report))
+    if gguf:
+        report.update(bench_llama_cpp.llama_cpp_report(gguf, theirs, runs))
     return report
+
+
+def print_decode_report(report: dict) -> None:
+    """A line a run (flatstack, and llama.cpp beside it), then the JSON."""
+    ours, theirs = report["flatstack"]["runs"], report.get("llama_cpp", {}).get("runs", [])
+    name = f"llama.cpp {report['llama_cpp']['gguf']['ftype']}" if theirs else ""
+    print(f"# decode, {report['weights']} weights: {report['bytes_per_token'] / 1e6:.1f} MB a token"
+          + (f"; {name}: {report['llama_cpp']['gguf']['bytes_per_token'] / 1e6:.1f} MB" if theirs else ""))
+    for i, run in enumerate(ours):
+        line = (f"# run {i + 1}: flatstack {run['decode_tokens_per_s']:.1f} tok/s "
+                f"({run['fraction_of_roofline']:.1%} of the roofline at "
+                f"{run['memory_read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)")
+        if i < len(theirs):
+            t = theirs[i]
+            line += (f", {name} {t['decode_tokens_per_s']:.1f} tok/s ({t['fraction_of_roofline']:.1%} at "
+                     f"{t['memory_read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s): ratio "
+                     f"{run['decode_tokens_per_s'] / t['decode_tokens_per_s']:.2f}")
+        print(line)
+    if "baseline" in report:
+        print(f"# {report['baseline']['name']}: {report['baseline']['decode_tokens_per_s']:.1f} tok/s, "
+              f"ratio {report['ratio']:.2f}")
+    if theirs:
+        print(f"# median: flatstack / {name} = {report['ratio_to_llama_cpp']:.2f}")
+    print(json.dumps(report, indent=1))
 
 
 def throughput_requests(vocab_size: int, num: int, prompt_range: tuple[int, int], output_range: tuple[int, int],

@@ -3,7 +3,9 @@
 Load (a running server's URL): Poisson arrivals or a fixed concurrency, random prompt and output lengths,
 ignore EOS; request and output throughput, and mean, median and p99 of time to first token, time per
 output token and inter-token latency, with vLLM's definitions; several concurrencies in one run, each as
-a ratio to the first.
+a ratio to the first. Given the served model's path (`--model`), each concurrency's output tokens/s
+beside its step roofline (step_roofline), from the matmul peak and read bandwidth measured in the same run;
+`--preset roofline` is the sweep for it: concurrency 1, 4, 16 and 64, 128 tokens in and 128 out.
 
 Startup (`--startup`, a model path): `flatstack serve` started as a user starts it, timed from the
 process's start to `/health` 200 and to the first streamed token, with an empty compile cache and then
@@ -99,25 +101,103 @@ async def serve_load(url: str, model: str, requests: list[tuple[list[int], int]]
     }
 
 
+# the step roofline's sweep: 128 tokens in and 128 out for every request, at four concurrencies
+PRESETS = {"roofline": {"concurrency": [1, 4, 16, 64], "prompt_range": [128, 128], "output_range": [128, 128]}}
+
+
+def decode_costs(model_path: str, quantize: str | None, dtype: str | None) -> dict:
+    """What a decode step of the served model costs, counted on the model as the engine holds it (quantised
+    linears, its own LM head), loaded here on the CPU: weight bytes read once a step whatever the batch,
+    key and value bytes per cached position, and a token's FLOPs, those of the matmuls and per cached key."""
+    from flatstack.bench import bytes_per_decode_token
+    from flatstack.engine import LLM, kv_bytes_per_token
+    from flatstack.model import model_stats
+
+    llm = LLM(model_path, quantize=quantize, dtype=dtype, device="cpu", kv_cache_memory=64 << 20, enforce_eager=True)
+    cfg, kv_dtype = llm.model.cfg, llm.model.tok_embeddings.weight.dtype
+    # model_stats counts attention at the causal average, context / 2 keys: at context 2 a token sees one key
+    per_key = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim
+    return {"weight_bytes": bytes_per_decode_token(llm.model, llm.runner.head, 0),
+            "kv_bytes_per_position": kv_bytes_per_token(llm.model, kv_dtype),
+            "matmul_flops_per_token": model_stats(cfg, 2).flops_per_token - per_key,
+            "attention_flops_per_position": per_key}
+
+
+def step_roofline(batch: int, context: float, costs: dict, bandwidth: float, peak_flops: float) -> dict:
+    """The fastest a decode step of `batch` sequences at mean `context` can be: it reads every weight once
+    and each sequence's cached keys and values, and computes each sequence's token, so it takes at least
+    the longer of that read at the read bandwidth and that compute at the matmul peak."""
+    read_s = (costs["weight_bytes"] + batch * context * costs["kv_bytes_per_position"]) / bandwidth
+    flops = batch * (costs["matmul_flops_per_token"] + context * costs["attention_flops_per_position"])
+    compute_s = flops / peak_flops
+    step_s = max(read_s, compute_s)
+    return {"step_s": step_s, "read_s": read_s, "compute_s": compute_s,
+            "bound": "memory" if read_s >= compute_s else "compute", "output_tokens_per_s": batch / step_s}
+
+
+def serve_ceilings(device: str | None) -> dict:
+    """The matmul peak (in the dtype the server computes in) and the read bandwidth, measured while the
+    server is idle, on the machine that serves when the load runs on it too."""
+    import torch
+
+    from flatstack.bench import float_dtype
+    from flatstack.ceilings import matmul_flops, memory_bandwidth
+
+    dev = torch.device(device or "cpu")
+    return {"matmul_flops": matmul_flops(dev, float_dtype(dev)), "memory_read_bandwidth_bytes_per_s":
+            memory_bandwidth(dev), "dtype": str(float_dtype(dev)).removeprefix("torch.")}
+
+
+def add_rooflines(runs: list[dict], costs: dict, ceiling: dict, prompt_range, output_range) -> None:
+    """Each run's step roofline at its concurrency and mean context (prompt plus half the output), and the
+    fraction of it the run's output tokens/s reached. The run's time also holds the prompts' prefill,
+    which the step roofline leaves out: the fraction is a lower bound on the decode steps'."""
+    context = sum(prompt_range) / 2 + sum(output_range) / 4
+    for run in runs:
+        batch = min(run["max_concurrency"], run["num_prompts"])
+        roof = step_roofline(batch, context, costs, ceiling["memory_read_bandwidth_bytes_per_s"],
+                             ceiling["matmul_flops"])
+        run["step_roofline"] = {"batch": batch, "mean_context": context, **roof}
+        run["fraction_of_step_roofline"] = run["output_tokens_per_s"] / roof["output_tokens_per_s"]
+
+
 def bench_serve(url: str, concurrencies: list[int], num_prompts: int = 64, rate: float = float("inf"),
                 prompt_range: tuple[int, int] = (64, 256), output_range: tuple[int, int] = (32, 128),
-                api_key: str | None = None, seed: int = 0) -> dict:
+                api_key: str | None = None, seed: int = 0, model_path: str | None = None,
+                quantize: str | None = None, device: str | None = None) -> dict:
+    """The load at each concurrency, at least as many requests as the concurrency (fewer would never reach
+    it). With `model_path` (the model the server serves, and its `quantize`), each concurrency's step
+    roofline too, from the matmul peak and the read bandwidth measured in the same run (before and after
+    the loads, the higher bandwidth taken, as it moves from minute to minute on a shared machine)."""
     import httpx
 
     url = url.rstrip("/").removesuffix("/v1")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     info = httpx.get(f"{url}/v1/models", headers=headers).json()["data"][0]
     vocab = info.get("vocab_size", 256)
+    if model_path:
+        costs = decode_costs(model_path, quantize, "bfloat16" if device and "cuda" in device else None)
+        ceiling = serve_ceilings(device)
     runs = []
     for concurrency in concurrencies:
-        requests = throughput_requests(vocab, num_prompts, prompt_range, output_range, seed)
+        n = max(num_prompts, concurrency)
+        requests = throughput_requests(vocab, n, prompt_range, output_range, seed)
         result = asyncio.run(serve_load(url, info["id"], requests, rate, concurrency, api_key, seed))
-        runs.append({"max_concurrency": concurrency, "request_rate": rate, **result})
+        runs.append({"max_concurrency": concurrency, "request_rate": rate, "num_prompts": n, **result})
     for run in runs:
         run["output_tokens_per_s_ratio_to_first"] = run["output_tokens_per_s"] / runs[0]["output_tokens_per_s"]
-    return {"benchmark": "serve", "url": url, "model": info["id"], "num_prompts": num_prompts,
-            "prompt_range": list(prompt_range), "output_range": list(output_range),
-            "baseline": f"the same load at max concurrency {concurrencies[0]}", "runs": runs}
+    report = {"benchmark": "serve", "url": url, "model": info["id"], "num_prompts": num_prompts,
+              "prompt_range": list(prompt_range), "output_range": list(output_range),
+              "baseline": f"the same load at max concurrency {concurrencies[0]}", "runs": runs}
+    if model_path:
+        from flatstack.ceilings import memory_bandwidth
+
+        after = memory_bandwidth(device or "cpu")
+        ceiling["memory_read_bandwidth_bytes_per_s"] = max(after, ceiling["memory_read_bandwidth_bytes_per_s"])
+        add_rooflines(runs, costs, ceiling, prompt_range, output_range)
+        report.update({"model_path": model_path, "weights": quantize or "float", "decode_costs": costs,
+                       "ceiling": ceiling})
+    return report
 
 
 # ---------------------------------------------------------------------------------------------

@@ -198,7 +198,8 @@ def add_bench_command(sub) -> None:
 
     s = sub.add_parser("bench", help="benchmarks against this machine's ceilings and a same-run baseline")
     s.add_argument("what", choices=("train", "decode", "throughput", "serve", "kernels"))
-    s.add_argument("url", nargs="?", help="serve: the server's URL, e.g. http://127.0.0.1:8000")
+    s.add_argument("url", nargs="?", metavar="URL_OR_MODEL", help="serve: the server's URL, e.g. "
+                   "http://127.0.0.1:8000; decode, throughput: the model (or --model)")
     s.add_argument("--json-out", help="also write the JSON report here")
     s.add_argument("--small", action="store_true", help="train, kernels: tiny shapes, a quick check that it runs")
     s.add_argument("--batch", type=int, default=8, help="train: sequences per step (default 8)")
@@ -207,14 +208,16 @@ def add_bench_command(sub) -> None:
     s.add_argument("--no-compile", action="store_true", help="train: flatstack without torch.compile")
     s.add_argument("--device", help="cpu or cuda (default: train, kernels: cuda if available; decode, "
                    "throughput: cpu); on cuda in bf16")
-    s.add_argument("--model", help="decode, throughput: a .gguf file, a Hugging Face folder or a checkpoint")
+    s.add_argument("--model", help="decode, throughput: a .gguf file, a Hugging Face folder or a checkpoint; "
+                   "serve: the model the server serves (for the step roofline), or to start with --startup")
     s.add_argument("--quantize", choices=QUANTIZE, help="decode, throughput, serve --startup: weight-only "
-                   "quantisation")
+                   "quantisation; serve URL: the server's (for the step roofline's weight bytes)")
     s.add_argument("--no-baseline", action="store_true", help="decode, throughput: skip transformers")
     s.add_argument("--prompt-tokens", type=int, default=128, help="decode: prompt length (default 128)")
     s.add_argument("--max-tokens", type=int, default=128, help="decode: tokens generated (default 128)")
     s.add_argument("--llama-cpp", action="store_true",
-                   help="decode: also llama.cpp on the same .gguf file (needs pip install llama-cpp-python)")
+                   help="decode: also llama.cpp on the .gguf file at the same precision (F32, Q8_0, Q4_1; "
+                   "re-saved once into ~/.cache/flatstack/gguf); needs pip install -e '.[bench]'")
     s.add_argument("--repeats", type=int, default=3,
                    help="decode: runs, each between two bandwidth measurements; the median is reported (default 3)")
     s.add_argument("--num-requests", type=int, default=32, help="throughput, serve: requests (default 32)")
@@ -223,6 +226,8 @@ def add_bench_command(sub) -> None:
     s.add_argument("--request-rate", type=float, default=float("inf"),
                    help="serve: Poisson arrivals per second (default inf: all at once, up to the concurrency)")
     s.add_argument("--api-key", help="serve: the server's API key")
+    s.add_argument("--preset", choices=("roofline",), help="serve: roofline = concurrency 1 4 16 64, prompts "
+                   "of 128 tokens, 128 output tokens (each level runs at least as many requests as its concurrency)")
     s.add_argument("--startup", action="store_true", help="serve: start `flatstack serve --model` twice (cold and "
                    "warm compile cache) and time /health and the first token from process start")
     s.add_argument("--prompt-range", type=int, nargs=2, default=[64, 256], metavar=("MIN", "MAX"),

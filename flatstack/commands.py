@@ -342,51 +342,59 @@ def cmd_serve(args) -> None:
 def cmd_bench(args) -> None:
     from flatstack import bench
 
+    show = lambda report: print(json.dumps(report, indent=1))  # noqa: E731
     if args.what == "serve":
-        from flatstack import bench_serve
-
-        if args.startup:
-            if not args.model:
-                raise CommandError("bench serve --startup needs --model: the checkpoint to serve")
-            report = bench_serve.bench_startup(args.model, ["--quantize", args.quantize] if args.quantize else [])
-        elif not args.url:
-            raise CommandError("bench serve needs the server's URL (flatstack bench serve http://127.0.0.1:8000), "
-                               "or --startup --model CKPT")
-        else:
-            report = bench_serve.bench_serve(args.url, args.concurrency, args.num_requests, args.request_rate,
-                                             tuple(args.prompt_range), tuple(args.output_range), args.api_key)
-        print(json.dumps(report, indent=1))
+        report = bench_serve_report(args)
     elif args.what == "kernels":
         from flatstack.bench_kernels import bench_kernels
 
         report = bench_kernels(args.device, args.small)
-        print(json.dumps(report, indent=1))
     elif args.what == "train":
         from flatstack import bench_train
 
         report = bench_train.bench_train(small=args.small, batch=args.batch, warmup=args.warmup,
                                          steps=args.steps, compile=not args.no_compile, device=args.device)
-        bench_train.print_train_report(report)
+        show = bench_train.print_train_report
     else:
-        if not args.model:
-            raise CommandError(f"bench {args.what} needs --model (a .gguf file or a Hugging Face folder for the "
-                               "transformers baseline; a native checkpoint with --no-baseline)")
-        if args.what == "decode":
-            if args.repeats < 1:
-                raise CommandError(f"--repeats must be at least 1; got {args.repeats}")
-            if args.llama_cpp:
-                import importlib.util
-
-                if not args.model.endswith(".gguf"):
-                    raise CommandError(f"--llama-cpp needs a .gguf file; got {args.model}")
-                if importlib.util.find_spec("llama_cpp") is None:
-                    raise CommandError("--llama-cpp needs llama-cpp-python: pip install llama-cpp-python")
-            report = bench.bench_decode(args.model, args.prompt_tokens, args.max_tokens, args.quantize,
-                                        not args.no_baseline, args.repeats, args.llama_cpp, args.device)
-        else:
-            report = bench.bench_throughput(args.model, args.num_requests, tuple(args.prompt_range),
-                                            tuple(args.output_range), args.quantize, not args.no_baseline,
-                                            args.baseline_batch, device=args.device)
-        print(json.dumps(report, indent=1))
+        report = bench_model_report(args)
+        show = bench.print_decode_report if args.what == "decode" else show
+    show(report)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=1) + "\n")
+
+
+def bench_serve_report(args) -> dict:
+    from flatstack import bench_serve
+
+    if args.startup:
+        if not args.model:
+            raise CommandError("bench serve --startup needs --model: the checkpoint to serve")
+        return bench_serve.bench_startup(args.model, ["--quantize", args.quantize] if args.quantize else [])
+    if not args.url:
+        raise CommandError("bench serve needs the server's URL (flatstack bench serve http://127.0.0.1:8000), "
+                           "or --startup --model CKPT")
+    vars(args).update(bench_serve.PRESETS[args.preset] if args.preset else {})
+    return bench_serve.bench_serve(args.url, args.concurrency, args.num_requests, args.request_rate,
+                                   tuple(args.prompt_range), tuple(args.output_range), args.api_key,
+                                   model_path=args.model, quantize=args.quantize, device=args.device)
+
+
+def bench_model_report(args) -> dict:
+    """decode and throughput: the model is --model or the positional argument."""
+    from flatstack import bench
+
+    model = args.model or args.url
+    if not model:
+        raise CommandError(f"bench {args.what} needs a model (a .gguf file or a Hugging Face folder for the "
+                           "transformers baseline; a native checkpoint with --no-baseline)")
+    if args.what == "throughput":
+        return bench.bench_throughput(model, args.num_requests, tuple(args.prompt_range), tuple(args.output_range),
+                                      args.quantize, not args.no_baseline, args.baseline_batch, device=args.device)
+    if args.repeats < 1:
+        raise CommandError(f"--repeats must be at least 1; got {args.repeats}")
+    if args.llama_cpp:
+        from flatstack.bench_llama_cpp import require_llama_cpp
+
+        require_llama_cpp(model, args.device)
+    return bench.bench_decode(model, args.prompt_tokens, args.max_tokens, args.quantize, not args.no_baseline,
+                              args.repeats, args.llama_cpp, args.device)
