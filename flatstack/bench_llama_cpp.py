@@ -24,8 +24,8 @@ import torch
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 
 # llama.h's llama_ftype values, which GGUF files store as general.file_type, for each flatstack weight
-# format, preferred first. int8 is one scale per output channel and Q8_0 one per 32 weights, both 8 bits;
-# int4 is groups of 32 with a float16 scale and minimum, Q4_1's very layout (Q4_0: a scale, no minimum).
+# format, preferred first. flatstack's int8 is Q8_0's layout (blocks of 32, a float16 scale each) and its
+# int4 Q4_1's (a float16 scale and minimum a block); Q4_0 (a scale, no minimum) loads as int4 too.
 LLAMA_FTYPES = {"float": {"ALL_F32": 0}, "int8": {"MOSTLY_Q8_0": 7}, "int4": {"MOSTLY_Q4_1": 3, "MOSTLY_Q4_0": 2}}
 UNQUANTISED = {0, 1, 32}  # ALL_F32, MOSTLY_F16, MOSTLY_BF16: a re-save from these loses nothing to dequantising
 GUESSED = 1024  # llama.h's LLAMA_FTYPE_GUESSED, a flag on the type
