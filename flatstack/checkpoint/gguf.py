@@ -1,5 +1,7 @@
 """GGUF files (llama.cpp's format): llama-architecture models, dequantised on load, and their tokenizer
-rebuilt from the file's metadata."""
+rebuilt from the file's metadata. For quantised inference, `stored_linears` also reads the Q8_0, Q4_0 and
+Q4_1 blocks as they are stored: the inference linears (kernels/linear.py) keep those layouts, so no
+weight is dequantised and quantised again."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import numpy as np
 import torch
 
 from flatstack.checkpoint.native import CheckpointError
+from flatstack.kernels.linear import Int4Linear, Int8Linear
 from flatstack.model import ModelConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +103,50 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[st
             array = unpermute_rope_rows(array, n_heads if m.group(2) == "attn_q" else n_kv)
         tensors[native] = torch.from_numpy(np.ascontiguousarray(array))
     return cfg, tensors, gguf_tokenizer_files(meta, eos)
+
+
+# a stored block format -> the inference linear that keeps it (`kind`), and its bytes per block of 32
+BLOCK_TYPES = {"Q8_0": ("int8", 34), "Q4_0": ("int4", 18), "Q4_1": ("int4", 20)}
+
+
+def native_name(name: str) -> str | None:
+    m = GGUF_LAYER.fullmatch(name)
+    if m and m.group(2) in GGUF_LAYER_NAMES:
+        return f"layers.{m.group(1)}.{GGUF_LAYER_NAMES[m.group(2)]}.weight"
+    return GGUF_NAMES.get(name)
+
+
+def block_linear(fmt: str, data: np.ndarray) -> Int8Linear | Int4Linear:
+    """One tensor's stored blocks [rows, blocks * block bytes] -> the inference linear over them as they are."""
+    rows = data.shape[0]
+    blocks = np.ascontiguousarray(data).reshape(rows, -1, BLOCK_TYPES[fmt][1])
+
+    def part(start: int, end: int, dtype) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(blocks[..., start:end]).view(dtype).reshape(rows, -1))
+
+    if fmt == "Q8_0":  # a float16 scale, then 32 int8 weights
+        return Int8Linear(None, q=part(2, 34, np.int8), scale=part(0, 2, np.float16))
+    scale = part(0, 2, np.float16)
+    if fmt == "Q4_0":  # a float16 scale, 16 bytes of nibbles q: w = (q - 8) * scale
+        return Int4Linear(None, packed=part(2, 18, np.uint8), scale=scale, low=-8 * scale)
+    return Int4Linear(None, packed=part(4, 20, np.uint8), scale=scale, low=part(2, 4, np.float16))  # w = q * d + m
+
+
+def stored_linears(path: Path, kind: str) -> dict[str, Int8Linear | Int4Linear]:
+    """Native weight name -> inference linear over the file's own blocks, for every weight stored in the
+    format `kind` asks for (int8: Q8_0; int4: Q4_0, Q4_1) and, under int4, those stored as Q8_0 too
+    (files keep their embedding there, llama.cpp's LM head); the rest is for the caller to quantise."""
+    reader, meta, cfg = open_gguf(path)
+    linears = {}
+    for t in reader.tensors:
+        fmt, name = t.tensor_type.name, native_name(t.name)
+        if fmt not in BLOCK_TYPES or name is None or not (BLOCK_TYPES[fmt][0] == kind or kind == "int4"):
+            continue
+        data = np.asarray(t.data)
+        if name.endswith(("attn.wq.weight", "attn.wk.weight")):
+            data = unpermute_rope_rows(data, cfg.n_heads if "wq" in name else cfg.n_kv_heads)
+        linears[name] = block_linear(fmt, data)
+    return linears
 
 
 def gguf_tokenizer_files(meta: dict, eos: int | None) -> dict[str, str]:

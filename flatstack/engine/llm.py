@@ -13,6 +13,7 @@ import os
 import random
 from collections.abc import Iterator
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
@@ -67,6 +68,7 @@ class LLM:
             tokenizer = tokenizer if tokenizer is not None else source
         elif self.ranks is not None:
             shard_model(model, 0, config.tp)
+        stored = stored_blocks(model, config)
         self.model, self.tokenizer, files = load_model_and_tokenizer(model, tokenizer, config)
         num_blocks = self.kv_blocks()
         if self.ranks is not None:
@@ -77,7 +79,7 @@ class LLM:
         # the CPU's compiled decode graphs and CUDA graphs are not built around the ranks' all-reduces
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.quantize or "float",
                                   compile_decode=not config.enforce_eager and config.tp == 1,
-                                  max_num_seqs=config.max_num_seqs, ranks=self.ranks)
+                                  max_num_seqs=config.max_num_seqs, ranks=self.ranks, stored=stored)
         self.eos_ids = eos_ids(self.model, self.tokenizer)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_ids, self.scheduler)
 
@@ -264,6 +266,16 @@ class LLM:
             "prefix_cache_hit_rate": b.cached_tokens / b.prompt_tokens if b.prompt_tokens else 0.0,
             "preemptions": self.scheduler.num_preemptions,
         }
+
+
+def stored_blocks(model, config: EngineConfig) -> dict | None:
+    """Quantised inference from a GGUF file: its weights already in the format asked for, as stored."""
+    from flatstack.checkpoint import detect_format
+    from flatstack.checkpoint.gguf import stored_linears
+
+    if config.quantize is None or isinstance(model, Transformer) or config.tp > 1 or detect_format(model) != "gguf":
+        return None
+    return stored_linears(Path(model), config.quantize)
 
 
 def load_model_and_tokenizer(model, tokenizer, config: EngineConfig) -> tuple[Transformer, Tokenizer, dict]:

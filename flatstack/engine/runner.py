@@ -157,16 +157,22 @@ def packed_chunks(positions: list[torch.Tensor], tables: list[torch.Tensor], blo
     return torch.cat(tables).to(device), attention.packed_mask(*ids, window), tau
 
 
-def swap_linears(model: Transformer, kind: str) -> nn.Module:
+def swap_linears(model: Transformer, kind: str, stored: dict[str, nn.Module] | None = None) -> nn.Module:
     """Put the inference linears of `kind` (float, int8, int4; kernels/linear.py) in place of every
-    nn.Linear in the blocks; returns the LM head's. MoE expert stacks and routers stay as they are."""
-    make = LINEARS[kind]
+    nn.Linear in the blocks; returns the LM head's. `stored`: weight name -> a linear already quantised
+    (a GGUF file's own blocks), taken as it is. MoE expert stacks and routers stay as they are."""
+    make, stored = LINEARS[kind], stored or {}
+    names = {id(module): name for name, module in model.named_modules()}
     for block in model.layers:
         for parent in (block.attn, block.ffn, *([block.mlp] if hasattr(block, "mlp") else [])):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, make(child.weight.data, None if child.bias is None else child.bias.data))
-    return make(model.head_weight.data)
+                    bias = None if child.bias is None else child.bias.data
+                    key = f"{names[id(child)]}.weight"
+                    layer = stored[key] if key in stored and bias is None else make(child.weight.data, bias)
+                    setattr(parent, name, layer)
+    head = "tok_embeddings.weight" if model.cfg.tied_embeddings else "output.weight"
+    return stored[head] if head in stored else make(model.head_weight.data)
 
 
 def graph_safe(model: Transformer) -> bool:
@@ -184,12 +190,12 @@ class ModelRunner:
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, weights: str = "float",
                  compile_decode: bool = True, max_num_seqs: int = 64, gpu_paths: bool | None = None,
-                 ranks=None):
+                 ranks=None, stored: dict[str, nn.Module] | None = None):
         cpu = model.tok_embeddings.weight.device.type == "cpu"
         gpu_paths = not cpu if gpu_paths is None else gpu_paths
         if cpu:
             keep_freed_memory()  # a step's gathered keys and values would be fresh mmaps, page-faulted each step
-        self.head = swap_linears(model, weights) if cpu or weights != "float" else None
+        self.head = swap_linears(model, weights, stored) if cpu or weights != "float" else None
         self.model = model
         weight = model.tok_embeddings.weight
         self.device, self.dtype = weight.device, weight.dtype

@@ -241,6 +241,33 @@ class Int8Linear(QuantizedLinear):
         return w.view(N, -1).to(self.out_dtype)
 
 
+def int4_levels(w: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    return ((w - low[..., None]) / scale[..., None]).round().clamp(0, 15)
+
+
+def fit_int4(w: torch.Tensor, rounds: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Blocks w [..., BLOCK] -> float16 scale and low [...], levels q [..., BLOCK] uint8 with w ~ low + q * scale.
+    From the blocks' min and max, then each block's (scale, low) refitted by least squares to its levels, and
+    the levels reassigned, keeping per block the fit of least squared error (llama.cpp's k-quants refine
+    the same way): a min-max grid wastes levels on outliers."""
+    low, high = w.amin(-1), w.amax(-1)
+    best_scale, best_low = ((high - low) / 15).clamp(min=1e-8).half().float(), low.half().float()
+    best_err = ((int4_levels(w, best_scale, best_low) * best_scale[..., None] + best_low[..., None] - w) ** 2).sum(-1)
+    scale, low = best_scale, best_low
+    for _ in range(rounds):
+        q = int4_levels(w, scale, low)
+        n, sq, sw = w.shape[-1], q.sum(-1), w.sum(-1)
+        det = n * (q * q).sum(-1) - sq * sq
+        fitted = (n * (q * w).sum(-1) - sq * sw) / det.clamp(min=1e-12)
+        scale = torch.where(det > 0, fitted, scale).clamp(min=1e-8).half().float()
+        low = ((sw - scale * sq) / n).half().float()
+        err = ((int4_levels(w, scale, low) * scale[..., None] + low[..., None] - w) ** 2).sum(-1)
+        better = err < best_err
+        best_scale, best_low, best_err = (torch.where(better, a, b) for a, b in ((scale, best_scale),
+                                                                                (low, best_low), (err, best_err)))
+    return best_scale.half(), best_low.half(), int4_levels(w, best_scale, best_low).to(torch.uint8)
+
+
 class Int4Linear(QuantizedLinear):
     """Asymmetric int4 weights in blocks of 32 along the input (GGUF's Q4_1; Q4_0 is the case low =
     -8 * scale): w = low + q * scale, q in 0..15, two weights to a byte (a block's byte j: weight j in the
@@ -255,11 +282,7 @@ class Int4Linear(QuantizedLinear):
             N, K = weight.shape
             if K % BLOCK:
                 raise ValueError(f"int4 needs the input size ({K}) to be a multiple of the block size {BLOCK}")
-            w = weight.float().view(N, K // BLOCK, BLOCK)
-            low, high = w.amin(-1), w.amax(-1)
-            scale = ((high - low) / 15).clamp(min=1e-8).half()
-            low = low.half()
-            q = ((w - low.float()[..., None]) / scale.float()[..., None]).round().clamp(0, 15).to(torch.uint8)
+            scale, low, q = fit_int4(weight.float().view(N, K // BLOCK, BLOCK))
             packed = (q[..., : BLOCK // 2] | (q[..., BLOCK // 2 :] << 4)).reshape(N, K // 2)
         self.register_buffer("packed", packed)
         self.register_buffer("scale", scale)

@@ -70,12 +70,6 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs, 
 #include <immintrin.h>
 #define VECTOR 1
 
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 static inline __m512 load_bf16(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
@@ -108,17 +102,56 @@ static inline __attribute__((always_inline)) void float_tile(const float* x, con
         }
 }
 
-/* one block of 32 int8 weights, signed, against 32 int8 activations: vpdpbusd multiplies unsigned by
-   signed bytes, so the activations' signs move onto the weights (llama.cpp's trick) */
-static inline __m256i dot_i8(__m256i w, __m256i x) {
-    __m256i ax = _mm256_sign_epi8(x, x), sw = _mm256_sign_epi8(w, x);
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sw);
+/* Two blocks at a time in 64-byte registers: one vpdpbusd gives both blocks' partial sums (lanes 0-7 the
+   first's, 8-15 the second's), scaled by the pattern [scale of the first x 8, of the second x 8]. */
+static const int32_t PAIR_LANES[16] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
+
+/* two consecutive float16 scales -> their pattern */
+static inline __m512 pair_of_halves(const uint16_t* p) {
+    uint32_t two;
+    memcpy(&two, p, 4);
+    __m512 both = _mm512_cvtph_ps(_mm256_castsi128_si256(_mm_cvtsi32_si128((int)two)));
+    return _mm512_permutexvar_ps(_mm512_loadu_si512(PAIR_LANES), both);
 }
 
-/* one Q4_1 block's 16 bytes -> its 32 weights 0..15 as bytes, in order (byte j holds weights j and j + 16) */
+static inline __m512 pair_of_floats(const float* p) {
+    __m128 both = _mm_castpd_ps(_mm_load_sd((const double*)p));
+    return _mm512_permutexvar_ps(_mm512_loadu_si512(PAIR_LANES), _mm512_castps128_ps512(both));
+}
+
+/* Q4_1 blocks' 16 bytes each (byte j: weights j and j + 16) -> their 32 weights 0..15 as bytes, in order */
 static inline __m256i unpack_q4(const uint8_t* p) {
     __m128i b = _mm_loadu_si128((const __m128i*)p), mask = _mm_set1_epi8(15);
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask));
+}
+
+static inline __m512i unpack_q4_pair(const uint8_t* p) {
+    __m256i b = _mm256_loadu_si256((const __m256i*)p), mask = _mm256_set1_epi8(15);
+    __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+    /* [lo of block 0, hi of block 0, lo of block 1, hi of block 1], in 64-bit lanes */
+    __m512i order = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+    return _mm512_permutex2var_epi64(_mm512_castsi256_si512(lo), order, _mm512_castsi256_si512(hi));
+}
+
+/* one step: R weight rows' blocks (wv, their scale patterns ds) against mt activation rows */
+static inline __attribute__((always_inline)) void quant_step(__m512 acc[MT][R], const __m512i* wv, const __m512* ds,
+                                                             const int8_t* xq, const float* xs, int64_t G,
+                                                             int64_t b, int pair, int int4, int mt, int r) {
+    for (int i = 0; i < mt; i++) {
+        const int8_t* xp = xq + (i * G + b) * QB;
+        __m512i xv = pair ? _mm512_loadu_si512(xp) : _mm512_maskz_loadu_epi8(0xffffffffull, xp);
+        __m512 xscale = pair ? pair_of_floats(xs + i * G + b) : _mm512_set1_ps(xs[i * G + b]);
+        /* int8 x int8: vpdpbusd multiplies unsigned by signed bytes, so the activations' signs move onto
+           the weights (llama.cpp's trick); int4's weights are unsigned already */
+        __m512i ax = _mm512_abs_epi8(xv);
+        __mmask64 negative = _mm512_movepi8_mask(xv);
+        for (int j = 0; j < r; j++) {
+            __m512i dot = int4 ? _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[j], xv)
+                               : _mm512_dpbusd_epi32(_mm512_setzero_si512(), ax,
+                                                     _mm512_mask_sub_epi8(wv[j], negative, _mm512_setzero_si512(), wv[j]));
+            acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ds[j], xscale), acc[i][j]);
+        }
+    }
 }
 
 static inline __attribute__((always_inline)) void quant_tile(const Linear* L, int64_t n0, const int8_t* xq,
@@ -126,39 +159,42 @@ static inline __attribute__((always_inline)) void quant_tile(const Linear* L, in
                                                              int mt, int r, const char* ahead) {
     int64_t K = L->k, N = L->n, G = K / QB;
     int int4 = L->format == FORMAT_INT4;
-    int64_t row_bytes = int4 ? K / 2 : K;
-    const uint8_t* w = (const uint8_t*)L->w + n0 * row_bytes;
+    int64_t rb = int4 ? K / 2 : K, bb = int4 ? 16 : 32; /* bytes per row, per block */
+    const uint8_t* w = (const uint8_t*)L->w + n0 * rb;
     const uint16_t* sc = (const uint16_t*)L->scale + n0 * G;
-    __m256 acc[MT][R];
+    __m512 acc[MT][R];
     for (int i = 0; i < mt; i++)
-        for (int j = 0; j < r; j++) acc[i][j] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < G; b++) {
-        if (ahead) /* R rows of one block each step: 1 or 2 cache lines */
-            for (int line = 0; line < R * (int4 ? 16 : 32); line += 64) __builtin_prefetch(ahead + R * b * (int4 ? 16 : 32) + line);
-        __m256i wv[R];
-        float d[R];
+        for (int j = 0; j < r; j++) acc[i][j] = _mm512_setzero_ps();
+    __m512i wv[R];
+    __m512 ds[R];
+    int64_t b = 0;
+    for (; b + 2 <= G; b += 2) {
+        if (ahead) /* R rows of two blocks each step: 2 or 4 cache lines */
+            for (int line = 0; line < R * 2 * bb; line += 64) __builtin_prefetch(ahead + R * b * bb + line);
         for (int j = 0; j < r; j++) {
-            const uint8_t* blk = w + j * row_bytes + b * (int4 ? 16 : 32);
-            wv[j] = int4 ? unpack_q4(blk) : _mm256_loadu_si256((const __m256i*)blk);
-            d[j] = _cvtsh_ss(sc[j * G + b]);
+            const uint8_t* blk = w + j * rb + b * bb;
+            wv[j] = int4 ? unpack_q4_pair(blk) : _mm512_loadu_si512(blk);
+            ds[j] = pair_of_halves(sc + j * G + b);
         }
-        for (int i = 0; i < mt; i++) {
-            __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + (i * G + b) * QB));
-            float s = xs[i * G + b];
-            for (int j = 0; j < r; j++) {
-                __m256i dot = int4 ? _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv[j], xv) : dot_i8(wv[j], xv);
-                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s * d[j]), acc[i][j]);
-            }
+        quant_step(acc, wv, ds, xq, xs, G, b, 1, int4, mt, r);
+    }
+    if (b < G) { /* an odd last block, in the low half */
+        for (int j = 0; j < r; j++) {
+            const uint8_t* blk = w + j * rb + b * bb;
+            wv[j] = int4 ? _mm512_zextsi256_si512(unpack_q4(blk)) : _mm512_maskz_loadu_epi8(0xffffffffull, blk);
+            ds[j] = _mm512_set1_ps(_cvtsh_ss(sc[j * G + b]));
         }
+        quant_step(acc, wv, ds, xq, xs, G, b, 0, int4, mt, r);
     }
     for (int i = 0; i < mt; i++)
         for (int j = 0; j < r; j++) {
-            float s = hsum8(acc[i][j]);
-            if (int4) { /* the blocks' offsets: low[b] * sum of the block's activations */
-                const uint16_t* low = (const uint16_t*)L->low + (n0 + j) * G;
-                for (int64_t b = 0; b < G; b++) s += _cvtsh_ss(low[b]) * xsum[i * G + b];
-            }
-            y[i * N + j] = s;
+            if (int4) /* the blocks' offsets: low[b] * the sum of the block's activations, 16 blocks a step */
+                for (int64_t c = 0; c < G; c += 16) {
+                    __mmask16 m = G - c >= 16 ? 0xffff : (__mmask16)((1u << (G - c)) - 1);
+                    __m512 low = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t*)L->low + (n0 + j) * G + c));
+                    acc[i][j] = _mm512_fmadd_ps(low, _mm512_maskz_loadu_ps(m, xsum + i * G + c), acc[i][j]);
+                }
+            y[i * N + j] = _mm512_reduce_add_ps(acc[i][j]);
         }
 }
 
