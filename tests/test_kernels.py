@@ -1,5 +1,7 @@
 """Each fast op equals its plain torch reference, values and gradients."""
 
+import platform
+
 import pytest
 import torch
 
@@ -82,6 +84,26 @@ def test_c_linear_kernels_match_the_reference_for_1_to_64_rows(kind, n, k):
             out, ref = native.linear_rows(layer.kernel_weight(), x), reference(x)
         assert out.shape == (m, n)
         assert (out - ref).abs().max() <= 2e-5 * ref.abs().max(), m
+
+
+def test_the_kernels_built_for_a_cpu_without_avx512_give_the_same_products(tmp_path):
+    """The plain-loop fallback (what a CPU without AVX-512 VNNI runs), built here for baseline x86-64:
+    every format's products equal the vectorised kernel's."""
+    from flatstack.kernels import native
+
+    if platform.machine() != "x86_64":
+        pytest.skip("the fallback is built for baseline x86-64")
+    generic = tmp_path / "generic.so"
+    native.build(generic, march="x86-64")
+    lib = native.load(generic)
+    assert not lib.linear_rows_vectorised()
+    gen = torch.Generator().manual_seed(6)
+    for kind in ("float", "bfloat16", "int8", "int4"):
+        for m in (1, 5, 64):
+            layer, _ = kernel_layer(kind, 37, 96, gen, bias=True)
+            x = torch.randn(m, 96, generator=gen)
+            want = native.linear_rows(layer.kernel_weight(), x)
+            torch.testing.assert_close(native.linear_rows(layer.kernel_weight(), x, lib), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])

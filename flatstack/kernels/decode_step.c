@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "linear_rows.h"
+#include "vec.h"
 
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2 };
 
@@ -36,10 +37,13 @@ void paged_decode(const float* q, const float* k_pool, const float* v_pool, cons
 
 /* out = x / rms(x) * weight over rows of n (F.rms_norm in float32) */
 static void rms_norm(const float* x, const float* weight, float* out, int64_t rows, int64_t n, float eps) {
+    int64_t nv = n - n % 16;
     for (int64_t r = 0; r < rows; r++) {
         const float* xr = x + r * n;
-        float ss = 0.0f;
-        for (int64_t i = 0; i < n; i++) ss += xr[i] * xr[i];
+        f16 acc = {0};
+        for (int64_t i = 0; i < nv; i += 16) acc += load16(xr + i) * load16(xr + i);
+        float ss = hsum(acc);
+        for (int64_t i = nv; i < n; i++) ss += xr[i] * xr[i];
         float inv = 1.0f / sqrtf(ss / n + eps);
         for (int64_t i = 0; i < n; i++) out[r * n + i] = xr[i] * inv * weight[i];
     }
@@ -59,11 +63,24 @@ static void rope(float* x, const float* cos, const float* sin, int64_t M, int64_
         }
 }
 
-static float activate(float g, int64_t kind) {
-    if (kind == ACT_SILU) return g / (1.0f + expf(-g));
-    if (kind == ACT_GELU) return 0.5f * g * (1.0f + erff(g * 0.70710678f));
-    float inner = 0.7978845608f * (g + 0.044715f * g * g * g);
-    return 0.5f * g * (1.0f + tanhf(inner));
+/* g = act(g) * u over n values; SiLU and tanh-GELU through the vectorised exp, a chunk at a time */
+static void gate(float* g, const float* u, int64_t n, int64_t kind) {
+    enum { CHUNK = 256 };
+    float e[CHUNK];
+    for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {
+        int64_t len = n - i0 < CHUNK ? n - i0 : CHUNK;
+        float* gi = g + i0;
+        const float* ui = u + i0;
+        if (kind == ACT_GELU) {
+            for (int64_t i = 0; i < len; i++) gi[i] = 0.5f * gi[i] * (1.0f + erff(gi[i] * 0.70710678f)) * ui[i];
+            continue;
+        }
+        for (int64_t i = 0; i < len; i++) /* silu: exp(-g); tanh-GELU: exp(2z), tanh z = 1 - 2 / (exp(2z) + 1) */
+            e[i] = kind == ACT_SILU ? -gi[i] : 1.5957691216f * (gi[i] + 0.044715f * gi[i] * gi[i] * gi[i]);
+        exp_inplace(e, len);
+        for (int64_t i = 0; i < len; i++)
+            gi[i] = (kind == ACT_SILU ? gi[i] / (1.0f + e[i]) : gi[i] * (1.0f - 1.0f / (e[i] + 1.0f))) * ui[i];
+    }
 }
 
 /* the products that share one input: its quantised rows are made once for all of them */
@@ -117,7 +134,7 @@ static void block(const Model* m, const Layer* L, const Scratch* s, float* x, in
     const Linear* gate_up[2] = {&L->gate, &L->up};
     float* gu[2] = {s->g, s->u};
     products(s->h, M, gate_up, gu, 2, s->xq, s->xs, s->xsum);
-    for (int64_t i = 0; i < M * F; i++) s->g[i] = activate(s->g[i], m->activation) * s->u[i];
+    gate(s->g, s->u, M * F, m->activation);
     const Linear* down[1] = {&L->down};
     products(s->g, M, down, h, 1, s->xq, s->xs, s->xsum);
     if (L->post_ffn_norm) rms_norm(s->h, L->post_ffn_norm, s->h, M, Dm, m->eps);

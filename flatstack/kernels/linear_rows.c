@@ -21,6 +21,7 @@
 #define R 4       /* weight rows per tile */
 #define MT 4      /* activation rows per tile */
 #define QB 32     /* quantisation block */
+#define AHEAD 8192 /* prefetch distance in bytes of weight */
 
 static inline float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
@@ -42,28 +43,6 @@ static inline float bf16_to_float(uint16_t b) {
     float f;
     memcpy(&f, &bits, 4);
     return f;
-}
-
-/* ---------------------------------------------------------------------------------------------
-   activations quantised per row in blocks of 32: x ~ xs[b] * xq, and xsum[b] = sum of the block's xq
-   (int4's offset term needs it) */
-
-void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs, float* xsum) {
-    int64_t blocks = K / QB;
-    for (int64_t i = 0; i < M * blocks; i++) {
-        const float* v = x + i * QB;
-        float amax = 0.0f;
-        for (int j = 0; j < QB; j++) amax = fmaxf(amax, fabsf(v[j]));
-        float s = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
-        int sum = 0;
-        for (int j = 0; j < QB; j++) {
-            int q = (int)nearbyintf(v[j] * inv);
-            xq[i * QB + j] = (int8_t)q;
-            sum += q;
-        }
-        xs[i] = s;
-        xsum[i] = (float)sum * s;
-    }
 }
 
 #if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -100,6 +79,21 @@ static inline __attribute__((always_inline)) void float_tile(const float* x, con
                 s += x[i * K + k] * (bf16 ? bf16_to_float(((const uint16_t*)w)[j * K + k]) : ((const float*)w)[j * K + k]);
             y[i * N + j] = s;
         }
+}
+
+/* activations quantised per row in blocks of 32: x ~ xs[b] * xq, and xsum[b] = xs[b] * the sum of the
+   block's xq (int4's offset term needs it); rounding to nearest even, as nearbyintf and torch.round */
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs, float* xsum) {
+    for (int64_t i = 0; i < M * (K / QB); i++) {
+        __m512 a = _mm512_loadu_ps(x + i * QB), b = _mm512_loadu_ps(x + i * QB + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+        __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+        __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+        _mm_storeu_si128((__m128i*)(xq + i * QB), _mm512_cvtsepi32_epi8(qa));
+        _mm_storeu_si128((__m128i*)(xq + i * QB + 16), _mm512_cvtsepi32_epi8(qb));
+        xs[i] = amax / 127.0f;
+        xsum[i] = (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)) * xs[i];
+    }
 }
 
 /* Two blocks at a time in 64-byte registers: one vpdpbusd gives both blocks' partial sums (lanes 0-7 the
@@ -202,6 +196,26 @@ static inline __attribute__((always_inline)) void quant_tile(const Linear* L, in
 #define VECTOR 0
 
 /* no AVX-512 VNNI: the same arithmetic in plain loops (kernels/native.py warns once) */
+/* quantize_rows above, in plain loops */
+
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs, float* xsum) {
+    int64_t blocks = K / QB;
+    for (int64_t i = 0; i < M * blocks; i++) {
+        const float* v = x + i * QB;
+        float amax = 0.0f;
+        for (int j = 0; j < QB; j++) amax = fmaxf(amax, fabsf(v[j]));
+        float s = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < QB; j++) {
+            int q = (int)nearbyintf(v[j] * inv);
+            xq[i * QB + j] = (int8_t)q;
+            sum += q;
+        }
+        xs[i] = s;
+        xsum[i] = (float)sum * s;
+    }
+}
+
 static inline void float_tile(const float* x, const void* w, int bf16, float* y, int64_t K, int64_t N, int mt,
                               int r, const char* ahead) {
     (void)ahead;
@@ -292,8 +306,9 @@ void linear_quantised(const Linear* L, const float* x, const int8_t* xq, const f
     for (int64_t t = 0; t < full + N % R; t++) {
         int64_t n0 = t < full ? t * R : full * R + (t - full);
         int r = t < full ? R : 1;
-        /* the next tile's rows are fetched while the first activation rows run */
-        const char* next = t + 1 < full ? (const char*)L->w + (n0 + R) * rb : NULL;
+        /* the weight AHEAD bytes on is fetched while the first activation rows run: a matrix of a decode
+           step is a few KB a thread, too short for the hardware prefetcher to ramp up */
+        const char* next = t < full && (n0 + R) * rb + AHEAD <= N * rb ? (const char*)L->w + n0 * rb + AHEAD : NULL;
         for (int64_t m0 = 0; m0 < M; m0 += MT) {
             int mt = M - m0 < MT ? (int)(M - m0) : MT;
             tile(L, quantised, bf16, esize, x, xq, xs, xsum, y, m0, n0, mt, r, m0 == 0 ? next : NULL);

@@ -45,7 +45,7 @@ def describe(kind: str, w: torch.Tensor, scale=None, low=None, bias=None) -> Lin
 
 def address(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
-FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-ffp-contract=fast", "-shared", "-fPIC"]
 
 
 def cache_dir() -> Path:
@@ -63,7 +63,8 @@ def cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
-def build(out: Path) -> None:
+def build(out: Path, march: str = "native") -> None:
+    """The library for `march` (this CPU's instruction set by default) at `out`."""
     compilers = [c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)]
     if not compilers:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
@@ -71,7 +72,7 @@ def build(out: Path) -> None:
     # OpenMP threads: the library then shares the OpenMP runtime torch has already loaded
     for compiler in compilers:
         for openmp in (["-fopenmp"], []):
-            cmd = [compiler, "-x", "c", *map(str, SOURCES), *FLAGS, *openmp, "-lm", "-o", str(out)]
+            cmd = [compiler, "-x", "c", *map(str, SOURCES), *FLAGS, f"-march={march}", *openmp, "-lm", "-o", str(out)]
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode == 0:
                 return
@@ -92,27 +93,33 @@ def library() -> ctypes.CDLL | None:
                 built = Path(tmp) / path.name
                 build(built)
                 os.replace(built, path)
-        lib = ctypes.CDLL(str(path))
+        lib = load(path)
     except (OSError, RuntimeError) as e:
         warnings.warn(f"the C kernels are unavailable, using the torch paths: {e}", stacklevel=2)
         return None
+    if not lib.linear_rows_vectorised():
+        warnings.warn("this CPU lacks AVX-512 VNNI (or the compiler does): the C kernels run as plain loops, "
+                      "correct but slower", stacklevel=2)
+    return lib
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """A built library, its functions' C signatures declared."""
+    lib = ctypes.CDLL(str(path))
     lib.linear_rows.argtypes = [ctypes.POINTER(Linear), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     lib.linear_rows.restype = None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.decode_step.argtypes = [pointer, pointer, size, pointer, pointer, pointer, pointer, size, pointer]
     lib.decode_step.restype = None
-    if not lib.linear_rows_vectorised():
-        warnings.warn("this CPU lacks AVX-512 VNNI (or the compiler does): the C kernels run as plain loops, "
-                      "correct but slower", stacklevel=2)
     lib.paged_decode.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float] * 2
                                  + [ctypes.c_int64] * 2)
     lib.paged_decode.restype = None
     return lib
 
 
-def linear_rows(weight: Linear, x: torch.Tensor) -> torch.Tensor:
-    """x [M, k] float32 times the weight `describe` gave -> [M, n] float32 (the C kernel)."""
-    lib = library()
+def linear_rows(weight: Linear, x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x [M, k] float32 times the weight `describe` gave -> [M, n] float32 (the C kernel; of `lib` if given)."""
+    lib = lib or library()
     assert lib is not None, "linear_rows called without the native library"
     x = x.contiguous()
     y = torch.empty(x.shape[0], weight.n, dtype=torch.float32)

@@ -65,7 +65,9 @@ void paged_decode(const float* q, const float* k_pool, const float* v_pool, cons
                 float* lg = logits + g * (n - first);
                 float top = -INFINITY, total = 0.0f;
                 for (int64_t s = 0; s < n - first; s++) top = lg[s] > top ? lg[s] : top;
-                for (int64_t s = 0; s < n - first; s++) total += lg[s] = expf(lg[s] - top);
+                for (int64_t s = 0; s < n - first; s++) lg[s] -= top;
+                exp_inplace(lg, n - first);
+                for (int64_t s = 0; s < n - first; s++) total += lg[s];
                 for (int64_t s = 0; s < n - first; s++) lg[s] /= total;
                 for (int64_t d = 0; d < D; d++) ob[g * D + d] = 0.0f;
             }
