@@ -108,6 +108,29 @@ def median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["fraction_of_roofline"])[(len(runs) - 1) // 2]
 
 
+def engine_decode(llm, prompt: list[int], max_tokens: int):
+    """The timed decode of `prompt` through the engine, after its warm-up: the decode graphs compiled (if
+    the engine compiles any) and one untimed request of the same length, another prompt (so the timed one
+    finds no cached prefix the first time), through whatever builds or compiles on a first request (the C
+    kernels, a prefill shape); and the seconds that took."""
+    from flatstack.engine import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    llm.warm_up(wait=True)
+    other = random_prompt(llm.model.cfg.vocab_size, len(prompt), 1)
+    for _ in llm.stream(other, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)):
+        pass
+    warm_up_s = time.perf_counter() - t0
+
+    def ours():
+        t0 = time.perf_counter()
+        stamps = [time.perf_counter() for _ in llm.stream(prompt, params)]
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0]), stamps[0] - t0
+
+    return ours, warm_up_s
+
+
 def bench_decode(model_path: str, prompt_tokens: int = 128, max_tokens: int = 128, quantize: str | None = None,
                  baseline: bool = True, repeats: int = 3, llama_cpp: bool = False, device: str | None = None) -> dict:
     """Batch-1 decode after warm-up, `repeats` times, each run against the bandwidth measured around it
@@ -115,26 +138,17 @@ def bench_decode(model_path: str, prompt_tokens: int = 128, max_tokens: int = 12
     llama.cpp runs between flatstack's runs, so each pair meets the same moment of the machine, on a GGUF
     file of the same precision (bench_llama_cpp.llama_cpp_gguf)."""
     from flatstack import bench_llama_cpp
-    from flatstack.engine import LLM, SamplingParams
+    from flatstack.engine import LLM
 
     dev = torch.device(device or "cpu")
     llm = LLM(model_path, quantize=quantize, kv_cache_memory=256 << 20, device=str(dev),
               dtype="bfloat16" if dev.type == "cuda" else None)  # the CPU: as stored
     model = llm.model
     prompt = random_prompt(model.cfg.vocab_size, prompt_tokens, 0)
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     context = prompt_tokens + max_tokens / 2
     per_token = bytes_per_decode_token(model, llm.runner.head, context)
-    t0 = time.perf_counter()
-    llm.warm_up(wait=True)
-    warm_up_s = time.perf_counter() - t0
+    ours, warm_up_s = engine_decode(llm, prompt, max_tokens)
     gguf = bench_llama_cpp.llama_cpp_gguf(model_path, quantize or "float", model, context) if llama_cpp else None
-
-    def ours():
-        t0 = time.perf_counter()
-        stamps = [time.perf_counter() for _ in llm.stream(prompt, params)]
-        return (len(stamps) - 1) / (stamps[-1] - stamps[0]), stamps[0] - t0
-
     runs, theirs = [], []
     for _ in range(repeats):
         runs.append(measured_run(ours, per_token, dev))
@@ -154,7 +168,7 @@ def bench_decode(model_path: str, prompt_tokens: int = 128, max_tokens: int = 12
         "flatstack": {"decode_tokens_per_s": median["decode_tokens_per_s"],
                       "fraction_of_roofline": median["fraction_of_roofline"],
                       "time_to_first_token_s": runs[0]["time_to_first_token_s"],
-                      "warm_up_s": warm_up_s,  # compiling the decode graphs, once per process
+                      "warm_up_s": warm_up_s,  # compiling the decode graphs and a first request
                       "runs": runs},
     }
     if baseline:
