@@ -15,7 +15,8 @@ SMALL = dict(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, hea
              max_seq_len=64)
 CONFIGS = {
     "llama-bias-qknorm": ModelConfig(**SMALL, qkv_bias=True, qk_norm=True),
-    "grok-dense": ModelConfig(**SMALL, attn_logit_softcap=30.0, norm_layout="sandwich", activation="gelu_tanh"),
+    "grok-dense": ModelConfig(**SMALL, attn_logit_softcap=30.0, norm_layout="sandwich", activation="gelu_tanh",
+                              output_multiplier=0.5, final_logit_softcap=20.0, tied_embeddings=True),
     "window": ModelConfig(**SMALL, sliding_window=5),
     "temperature": ModelConfig(**SMALL, attn_temperature_len=4, activation="gelu", attn_logit_softcap=30.0),
 }

@@ -32,7 +32,7 @@ class Model(ctypes.Structure):
                                                       "ffn_dim", "num_blocks", "block_size", "activation",
                                                       "window", "temperature_len")),
                 ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("softcap", ctypes.c_float),
-                ("layers", ctypes.POINTER(Layer))]
+                ("layers", ctypes.POINTER(Layer)), ("final_norm", ctypes.c_void_p), ("head", native.Linear)]
 
 
 def block_products(block) -> dict:
@@ -48,7 +48,10 @@ def norm_weight(block, name: str) -> torch.Tensor | None:
 
 
 class NativeDecode:
-    def __init__(self, model: Transformer, k_pool: torch.Tensor, v_pool: torch.Tensor):
+    """`head`: the engine's LM head linear; if the kernels read its format, the step ends with the final norm
+    and the head's product, and `run` returns the logits before the output multiplier and soft cap."""
+
+    def __init__(self, model: Transformer, k_pool: torch.Tensor, v_pool: torch.Tensor, head=None):
         cfg = model.cfg
         self.keep: list[torch.Tensor] = []  # the norms' float32 copies the structs point into
         layers = (Layer * cfg.n_layers)()
@@ -66,6 +69,12 @@ class NativeDecode:
                             k_pool.shape[2], k_pool.shape[3], ACTIVATION_CODES[cfg.activation],
                             cfg.sliding_window or 0, cfg.attn_temperature_len or 0, cfg.rms_norm_eps, attn.scale,
                             cfg.attn_logit_softcap or 0.0, layers)
+        head_weight = getattr(head, "kernel_weight", lambda: None)()
+        if head_weight is not None:
+            self.final_norm = model.norm.weight.data.float().contiguous()
+            self.struct.final_norm, self.struct.head = self.final_norm.data_ptr(), head_weight
+        self.head = head  # holds the weights the struct points into
+        self.vocab = None if head_weight is None else head_weight.n
 
     @staticmethod
     def supports(model: Transformer, pool_dtype: torch.dtype) -> bool:
@@ -80,10 +89,12 @@ class NativeDecode:
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
             lengths: torch.Tensor) -> torch.Tensor:
         """x [M, D] float32, the step's embedded tokens, through every block in place; cos, sin [M, head_dim];
-        slots [M] the new tokens' pool slots; tables [M, width]; lengths [M] contexts with the new token."""
+        slots [M] the new tokens' pool slots; tables [M, width]; lengths [M] contexts with the new token.
+        -> the head's logits [M, V] if it has the head, else the last block's output x."""
         x, cos, sin = x.contiguous(), cos.float().contiguous(), sin.float().contiguous()
         slots, tables, lengths = slots.long().contiguous(), tables.long().contiguous(), lengths.long().contiguous()
+        logits = None if self.vocab is None else torch.empty(x.shape[0], self.vocab)
         native.library().decode_step(ctypes.byref(self.struct), x.data_ptr(), x.shape[0], cos.data_ptr(),
                                      sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), tables.shape[1],
-                                     lengths.data_ptr())
-        return x
+                                     lengths.data_ptr(), native.address(logits))
+        return x if logits is None else logits

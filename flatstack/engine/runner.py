@@ -27,7 +27,7 @@ from flatstack.engine.sequence import Sequence
 from flatstack.kernels import attention, moe
 from flatstack.kernels.linear import FEW_ROWS, LINEARS, decode_step
 from flatstack.kernels.paged_attention import decode_attention, gather_blocks
-from flatstack.model import Transformer
+from flatstack.model import Transformer, rope_cos_sin, rope_frequencies
 
 
 def kv_bytes_per_token(model: Transformer, dtype: torch.dtype) -> int:
@@ -205,8 +205,8 @@ class ModelRunner:
         self.graphed = GraphedDecode(model, self.pool, self.head, max_num_seqs, num_blocks * block_size,
                                      capture=not cpu) if gpu_paths and compile_decode and graph_safe(model) else None
         # the C decode step: not under tensor parallelism, whose products end in collectives it does not make
-        self.native = NativeDecode(model, self.pool.k, self.pool.v) if compile_decode and cpu and not gpu_paths \
-            and ranks is None and NativeDecode.supports(model, self.dtype) else None
+        native = compile_decode and cpu and not gpu_paths and ranks is None and NativeDecode.supports(model, self.dtype)
+        self.native = NativeDecode(model, self.pool.k, self.pool.v, self.head) if native else None
         # MoE blocks route on data (a host sync per layer), which a compiled graph would break at; the compiled
         # steps' attention takes no temperature
         self.graphs = DecodeGraphs(model, self.pool.k, self.pool.v) \
@@ -214,6 +214,7 @@ class ModelRunner:
             and model.cfg.attn_temperature_len is None else None
         self.compiling = None  # the thread compiling the graphs, once started
         self.ranks = ranks  # tensor parallel: the other ranks, sent each step (tensor_parallel.Ranks)
+        self.inv_freq = rope_frequencies(model.cfg, self.device)  # once, not every step
 
     def start_compiling(self) -> None:
         """Compile the CPU's decode graphs on a thread of their own (once; decode steps run eagerly
@@ -277,7 +278,7 @@ class ModelRunner:
             return self.native_step(tokens, batch)
         compiled = decoding and len(step) <= FEW_ROWS and self.decode_path == "compiled"
         x = model.embed(torch.tensor([tokens], device=self.device))
-        cos, sin = model.rope(batch.positions, x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, batch.positions, x.dtype)
         # eager steps take the fused few-row products only once the graphs (which compile them too) exist
         with decode_step(decoding and self.decode_path != "compiling"):
             if compiled:
@@ -292,10 +293,13 @@ class ModelRunner:
             return model.logits(hidden, self.head).float()
 
     def native_step(self, tokens: list[int], batch: PagedBatch) -> torch.Tensor:
-        """A decode step in one C call through the blocks; every sequence samples."""
+        """A decode step in one C call through the blocks (and the LM head, where the kernels read its
+        format); every sequence samples."""
         model = self.model
         x = model.embed(torch.tensor(tokens))
-        cos, sin = model.rope(batch.positions, x.dtype)
-        x = self.native.run(x, cos, sin, batch.new_slots, batch.decode_tables, batch.decode_lengths)
+        cos, sin = rope_cos_sin(self.inv_freq, batch.positions, x.dtype)
+        out = self.native.run(x, cos, sin, batch.new_slots, batch.decode_tables, batch.decode_lengths)
+        if self.native.vocab is not None:  # the head's product done: the multiplier and soft cap remain
+            return model.logits(out, head=lambda logits: logits)
         with decode_step():
-            return model.logits(model.norm(x), self.head).float()
+            return model.logits(model.norm(out), self.head).float()

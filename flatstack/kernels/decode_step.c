@@ -28,6 +28,8 @@ typedef struct {
     int64_t activation, window, temperature_len; /* window, temperature_len <= 0: none */
     float eps, scale, softcap;                   /* softcap <= 0: none */
     const Layer* layers;
+    const float* final_norm; /* with head: the LM head after the blocks (NULL: the caller's) */
+    Linear head;
 } Model;
 
 void paged_decode(const float* q, const float* k_pool, const float* v_pool, const int64_t* tables,
@@ -88,7 +90,7 @@ static void products(const float* x, int64_t M, const Linear* const* Ls, float* 
                      int8_t* xq, float* xs, float* xsum) {
     int quantised = Ls[0]->format >= 2;
     if (quantised) quantize_rows(x, M, Ls[0]->k, xq, xs, xsum);
-    for (int i = 0; i < count; i++) linear_quantised(Ls[i], x, xq, xs, xsum, ys[i], M);
+    linear_products(Ls, ys, count, x, xq, xs, xsum, M);
 }
 
 typedef struct {
@@ -143,11 +145,12 @@ static void block(const Model* m, const Layer* L, const Scratch* s, float* x, in
 
 /* x [M, d_model] (in place: the step's embedded tokens in, the last block's output out); cos, sin
    [M, head_dim]; slots [M] where each new key and value goes; tables [M, width]; lengths [M], each
-   sequence's context including its new token */
+   sequence's context including its new token; logits [M, vocab]: the final norm and LM head's products,
+   if the model has them */
 void decode_step(const Model* m, float* x, int64_t M, const float* cos, const float* sin, const int64_t* slots,
-                 const int64_t* tables, int64_t width, const int64_t* lengths) {
-    int64_t widest = m->d_model > m->ffn_dim ? m->d_model : m->ffn_dim;
+                 const int64_t* tables, int64_t width, const int64_t* lengths, float* logits) {
     int64_t qd = m->n_heads * m->head_dim, kvd = m->n_kv_heads * m->head_dim;
+    int64_t widest = m->d_model > m->ffn_dim ? m->d_model : m->ffn_dim;
     widest = widest > qd ? widest : qd;
     Scratch s = {
         .h = malloc(sizeof(float) * M * (m->d_model > qd ? m->d_model : qd)),
@@ -163,6 +166,12 @@ void decode_step(const Model* m, float* x, int64_t M, const float* cos, const fl
     };
     for (int64_t l = 0; l < m->n_layers; l++)
         block(m, &m->layers[l], &s, x, M, cos, sin, slots, tables, width, lengths);
+    if (m->final_norm) {
+        rms_norm(x, m->final_norm, s.h, M, m->d_model, m->eps);
+        const Linear* head[1] = {&m->head};
+        float* out[1] = {logits};
+        products(s.h, M, head, out, 1, s.xq, s.xs, s.xsum);
+    }
     free(s.h), free(s.q), free(s.k), free(s.v), free(s.att), free(s.g), free(s.u), free(s.xs), free(s.xsum),
         free(s.xq);
 }

@@ -295,28 +295,40 @@ static int64_t row_bytes(const Linear* L) {
     }
 }
 
-/* y [M, n] (+ bias) for activations x [M, k]; xq, xs, xsum: x quantised by quantize_rows (quantised
-   formats only). Threads split the weight rows: whole tiles of R, then the last n % R rows one by one. */
-void linear_quantised(const Linear* L, const float* x, const int8_t* xq, const float* xs, const float* xsum,
-                      float* y, int64_t M) {
+/* one tile of R weight rows (or a single last row) of one product, for every activation row */
+static void product_tile(const Linear* L, int64_t t, const float* x, const int8_t* xq, const float* xs,
+                         const float* xsum, float* y, int64_t M) {
     int64_t N = L->n, full = N / R, rb = row_bytes(L);
     int quantised = L->format == FORMAT_INT8 || L->format == FORMAT_INT4, bf16 = L->format == FORMAT_BF16;
-    int64_t esize = bf16 ? 2 : 4;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < full + N % R; t++) {
-        int64_t n0 = t < full ? t * R : full * R + (t - full);
-        int r = t < full ? R : 1;
-        /* the weight AHEAD bytes on is fetched while the first activation rows run: a matrix of a decode
-           step is a few KB a thread, too short for the hardware prefetcher to ramp up */
-        const char* next = t < full && (n0 + R) * rb + AHEAD <= N * rb ? (const char*)L->w + n0 * rb + AHEAD : NULL;
-        for (int64_t m0 = 0; m0 < M; m0 += MT) {
-            int mt = M - m0 < MT ? (int)(M - m0) : MT;
-            tile(L, quantised, bf16, esize, x, xq, xs, xsum, y, m0, n0, mt, r, m0 == 0 ? next : NULL);
-        }
+    int64_t n0 = t < full ? t * R : full * R + (t - full);
+    int r = t < full ? R : 1;
+    /* the weight AHEAD bytes on is fetched while the first activation rows run: a matrix of a decode step
+       is a few KB a thread, too short for the hardware prefetcher to ramp up */
+    const char* next = t < full && (n0 + R) * rb + AHEAD <= N * rb ? (const char*)L->w + n0 * rb + AHEAD : NULL;
+    for (int64_t m0 = 0; m0 < M; m0 += MT) {
+        int mt = M - m0 < MT ? (int)(M - m0) : MT;
+        tile(L, quantised, bf16, bf16 ? 2 : 4, x, xq, xs, xsum, y, m0, n0, mt, r, m0 == 0 ? next : NULL);
     }
-    if (L->bias)
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t n = 0; n < N; n++) y[m * N + n] += L->bias[n];
+}
+
+/* ys[i] [M, n_i] (+ bias) = x [M, k] times each of `count` weights of the same input; xq, xs, xsum: x
+   quantised by quantize_rows (quantised formats only). One parallel loop over the tiles of them all, the
+   threads splitting the rows evenly: a decode step's k and v products are too small to split alone. */
+void linear_products(const Linear* const* Ls, float* const* ys, int count, const float* x, const int8_t* xq,
+                     const float* xs, const float* xsum, int64_t M) {
+    int64_t tiles[8], total = 0;
+    for (int i = 0; i < count; i++) total += tiles[i] = Ls[i]->n / R + Ls[i]->n % R;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < total; t++) {
+        int i = 0;
+        int64_t local = t;
+        while (local >= tiles[i]) local -= tiles[i++];
+        product_tile(Ls[i], local, x, xq, xs, xsum, ys[i], M);
+    }
+    for (int i = 0; i < count; i++)
+        if (Ls[i]->bias)
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t n = 0; n < Ls[i]->n; n++) ys[i][m * Ls[i]->n + n] += Ls[i]->bias[n];
 }
 
 void linear_rows(const Linear* L, const float* x, float* y, int64_t M) {
@@ -330,7 +342,7 @@ void linear_rows(const Linear* L, const float* x, float* y, int64_t M) {
         xsum = malloc(sizeof(float) * (M * G + 1));
         quantize_rows(x, M, L->k, xq, xs, xsum);
     }
-    linear_quantised(L, x, xq, xs, xsum, y, M);
+    linear_products(&L, &y, 1, x, xq, xs, xsum, M);
     free(xq);
     free(xs);
     free(xsum);

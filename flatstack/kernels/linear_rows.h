@@ -16,6 +16,6 @@ typedef struct {
 } Linear;
 
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs, float* xsum);
-void linear_quantised(const Linear* L, const float* x, const int8_t* xq, const float* xs, const float* xsum,
-                      float* y, int64_t M);
+void linear_products(const Linear* const* Ls, float* const* ys, int count, const float* x, const int8_t* xq,
+                     const float* xs, const float* xsum, int64_t M);
 void linear_rows(const Linear* L, const float* x, float* y, int64_t M);
