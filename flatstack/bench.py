@@ -203,7 +203,7 @@ def print_decode_report(report: dict) -> None:
         print(f"# {report['baseline']['name']}: {report['baseline']['decode_tokens_per_s']:.1f} tok/s, "
               f"ratio {report['ratio']:.2f}")
     if theirs:
-        print(f"# median: flatstack / {name} = {report['ratio_to_llama_cpp']:.2f}")
+        print(f"# flatstack / {name}, the median of the runs' ratios: {report['ratio_to_llama_cpp']:.2f}")
     print(json.dumps(report, indent=1))
 
 

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 from collections import Counter
@@ -180,15 +181,14 @@ def llama_cpp_decode(gguf: str, prompt: list[int], max_tokens: int) -> tuple[flo
 
 def llama_cpp_report(gguf: dict, runs: list[dict], ours: list[dict]) -> dict:
     """llama.cpp's section of the decode report: its runs, each against the bandwidth measured around it and
-    the bytes of its own file; its median run; flatstack's median over it, and run by run."""
+    the bytes of its own file; its median run; flatstack's tokens/s over its, run by run and the median of
+    those ratios (each pair ran a minute apart, the two medians' runs may not have)."""
     from importlib.metadata import version
 
     median = sorted(runs, key=lambda r: r["fraction_of_roofline"])[(len(runs) - 1) // 2]
-    our_median = sorted(ours, key=lambda r: r["fraction_of_roofline"])[(len(ours) - 1) // 2]
+    ratios = [a["decode_tokens_per_s"] / b["decode_tokens_per_s"] for a, b in zip(ours, runs, strict=True)]
     name = (f"llama.cpp (llama-cpp-python {version('llama-cpp-python')}), {gguf['ftype']} GGUF "
             f"({gguf['note']}), float32 KV cache, {torch.get_num_threads()} threads")
     return {"llama_cpp": {"name": name, "gguf": gguf, "decode_tokens_per_s": median["decode_tokens_per_s"],
                           "fraction_of_roofline": median["fraction_of_roofline"], "runs": runs},
-            "ratio_to_llama_cpp": our_median["decode_tokens_per_s"] / median["decode_tokens_per_s"],
-            "ratios_to_llama_cpp_per_run": [a["decode_tokens_per_s"] / b["decode_tokens_per_s"]
-                                            for a, b in zip(ours, runs, strict=True)]}
+            "ratio_to_llama_cpp": statistics.median(ratios), "ratios_to_llama_cpp_per_run": ratios}

@@ -157,3 +157,16 @@ def test_the_q4_1_test_model_runs_as_stored_for_int4(tmp_path):
     assert gguf["path"] == str(path) and gguf["ftype"] == "MOSTLY_Q4_1" and list(tmp_path.iterdir()) == []
     kv = 2 * 30 * 3 * 64 * 4  # float32 keys and values
     assert gguf["bytes_per_token"] == lc.gguf_weight_bytes(tensors) + 192 * kv
+
+
+def test_llama_cpp_ratio_is_the_median_of_paired_runs(monkeypatch):
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0")
+    ours = [{"decode_tokens_per_s": t, "fraction_of_roofline": f} for t, f in ((144, 0.25), (130, 0.37), (148, 0.40))]
+    theirs = [{"decode_tokens_per_s": t, "fraction_of_roofline": f} for t, f in ((112, 0.21), (100, 0.28), (100, 0.19))]
+    gguf = {"ftype": "MOSTLY_Q4_1", "note": "the source file as stored"}
+    r = lc.llama_cpp_report(gguf, theirs, ours)
+    assert r["ratios_to_llama_cpp_per_run"] == pytest.approx([144 / 112, 1.3, 1.48])
+    assert r["ratio_to_llama_cpp"] == pytest.approx(1.3)  # run by run, not one median run over another
+    assert r["llama_cpp"]["decode_tokens_per_s"] == 112  # its run of median fraction
