@@ -123,12 +123,15 @@ def decode_costs(model_path: str, quantize: str | None, dtype: str | None) -> di
             "attention_flops_per_position": per_key}
 
 
-def step_roofline(batch: int, context: float, costs: dict, bandwidth: float, peak_flops: float) -> dict:
+def step_roofline(batch: int, context: float, costs: dict, bandwidth: float, peak_flops: float,
+                  prompt_per_output: float = 0.0) -> dict:
     """The fastest a decode step of `batch` sequences at mean `context` can be: it reads every weight once
-    and each sequence's cached keys and values, and computes each sequence's token, so it takes at least
-    the longer of that read at the read bandwidth and that compute at the matmul peak."""
+    and each sequence's cached keys and values, and computes each sequence's token and its share of the
+    prompts (`prompt_per_output` prompt tokens per output token: under load, steps hold prompt chunks too),
+    so it takes at least the longer of that read at the read bandwidth and that compute at the matmul peak."""
     read_s = (costs["weight_bytes"] + batch * context * costs["kv_bytes_per_position"]) / bandwidth
-    flops = batch * (costs["matmul_flops_per_token"] + context * costs["attention_flops_per_position"])
+    flops = batch * ((1 + prompt_per_output) * costs["matmul_flops_per_token"]
+                     + context * costs["attention_flops_per_position"])
     compute_s = flops / peak_flops
     step_s = max(read_s, compute_s)
     return {"step_s": step_s, "read_s": read_s, "compute_s": compute_s,
@@ -149,14 +152,14 @@ def serve_ceilings(device: str | None) -> dict:
 
 
 def add_rooflines(runs: list[dict], costs: dict, ceiling: dict, prompt_range, output_range) -> None:
-    """Each run's step roofline at its concurrency and mean context (prompt plus half the output), and the
-    fraction of it the run's output tokens/s reached. The run's time also holds the prompts' prefill,
-    which the step roofline leaves out: the fraction is a lower bound on the decode steps'."""
+    """Each run's step roofline at its concurrency and mean context (prompt plus half the output), every
+    token's FLOPs counted (the prompts' too), and the fraction of it the run's output tokens/s reached."""
     context = sum(prompt_range) / 2 + sum(output_range) / 4
+    prompt_per_output = sum(prompt_range) / sum(output_range)
     for run in runs:
         batch = min(run["max_concurrency"], run["num_prompts"])
         roof = step_roofline(batch, context, costs, ceiling["memory_read_bandwidth_bytes_per_s"],
-                             ceiling["matmul_flops"])
+                             ceiling["matmul_flops"], prompt_per_output)
         run["step_roofline"] = {"batch": batch, "mean_context": context, **roof}
         run["fraction_of_step_roofline"] = run["output_tokens_per_s"] / roof["output_tokens_per_s"]
 

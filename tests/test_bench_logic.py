@@ -116,6 +116,9 @@ def test_step_roofline_is_memory_then_compute_bound():
     many = step_roofline(64, 10, costs, bandwidth=1000, peak_flops=1000)
     assert many["read_s"] == pytest.approx(1640 / 1000) and many["compute_s"] == pytest.approx(64 * 120 / 1000)
     assert many["bound"] == "compute" and many["output_tokens_per_s"] == pytest.approx(64 / 7.68)
+    # a prompt token per output token: its matmuls counted too
+    loaded = step_roofline(64, 10, costs, bandwidth=1000, peak_flops=1000, prompt_per_output=1.0)
+    assert loaded["compute_s"] == pytest.approx(64 * 220 / 1000)
 
 
 def test_rooflines_per_concurrency():
