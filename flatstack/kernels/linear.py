@@ -137,8 +137,7 @@ class KernelWeight:
 
     def get(self, kind: str, *tensors):
         if len(self.tensors) != len(tensors) or any(a is not b for a, b in zip(self.tensors, tensors, strict=True)):
-            w, *rest = tensors
-            ok = w.device.type == "cpu" and all(t is None or t.is_contiguous() for t in tensors)
+            ok = tensors[0].device.type == "cpu" and all(t is None or t.is_contiguous() for t in tensors)
             self.struct = native.describe(kind, *tensors) if ok else None
             self.tensors = tensors
         return self.struct
