@@ -51,14 +51,15 @@ class NativeDecode:
     """`head`: the engine's LM head linear; if the kernels read its format, the step ends with the final norm
     and the head's product, and `run` returns the logits before the output multiplier and soft cap."""
 
-    def __init__(self, model: Transformer, k_pool: torch.Tensor, v_pool: torch.Tensor, head=None):
+    def __init__(self, model: Transformer, k_pool: torch.Tensor, v_pool: torch.Tensor, head):
         cfg = model.cfg
         self.keep: list[torch.Tensor] = []  # the norms' float32 copies the structs point into
         layers = (Layer * cfg.n_layers)()
         for i, block in enumerate(model.layers):
             for name in NORMS:
                 w = norm_weight(block, name)
-                self.keep += [] if w is None else [w]
+                if w is not None:
+                    self.keep.append(w)
                 setattr(layers[i], name, native.address(w))
             for name, linear in block_products(block).items():
                 setattr(layers[i], name, linear.kernel_weight())
@@ -69,7 +70,7 @@ class NativeDecode:
                             k_pool.shape[2], k_pool.shape[3], ACTIVATION_CODES[cfg.activation],
                             cfg.sliding_window or 0, cfg.attn_temperature_len or 0, cfg.rms_norm_eps, attn.scale,
                             cfg.attn_logit_softcap or 0.0, layers)
-        head_weight = getattr(head, "kernel_weight", lambda: None)()
+        head_weight = head.kernel_weight()
         if head_weight is not None:
             self.final_norm = model.norm.weight.data.float().contiguous()
             self.struct.final_norm, self.struct.head = self.final_norm.data_ptr(), head_weight
@@ -83,8 +84,8 @@ class NativeDecode:
         if cfg.is_moe or pool_dtype != torch.float32 or model.tok_embeddings.weight.device.type != "cpu" \
                 or native.library() is None:
             return False
-        return all(hasattr(linear, "kernel_weight") and linear.kernel_weight() is not None
-                   for block in model.layers for linear in block_products(block).values())
+        return all(linear.kernel_weight() is not None for block in model.layers
+                   for linear in block_products(block).values())
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
             lengths: torch.Tensor) -> torch.Tensor:

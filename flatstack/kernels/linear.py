@@ -92,9 +92,8 @@ _decoding = False
 
 @contextlib.contextmanager
 def decode_step(active: bool = True):
-    """Within it, few-row products take the fused reduction. Only decode steps opt in: a short prompt's
-    prefill stays on BLAS, so the first token never waits for the kernels to compile (that happens at
-    the first decode step, once per process)."""
+    """Within it, few-row float products take the C kernel (or the fused reduction where it cannot). Only
+    decode steps opt in: a prompt's prefill stays on BLAS, and never waits for a reduction to compile."""
     global _decoding
     before = _decoding
     _decoding = active
@@ -147,8 +146,9 @@ def rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def float_bias(bias: nn.Parameter | None) -> torch.Tensor | None:
-    return None if bias is None or bias.dtype != torch.float32 else bias.data
+def kernel_bias(bias: nn.Parameter | None) -> tuple[bool, torch.Tensor | None]:
+    """(whether the C kernel can add this bias: none, or float32; the tensor it reads)."""
+    return bias is None or bias.dtype == torch.float32, None if bias is None else bias.data
 
 
 class FloatLinear(nn.Module):
@@ -163,11 +163,10 @@ class FloatLinear(nn.Module):
         self.kernel = KernelWeight()
 
     def kernel_weight(self):
-        bias_ok = self.bias is None or self.bias.dtype == torch.float32
+        bias_ok, bias = kernel_bias(self.bias)
         if self.weight.dtype not in (torch.float32, torch.bfloat16) or not bias_ok:
             return None
-        return self.kernel.get(str(self.weight.dtype).removeprefix("torch."), self.weight, None, None,
-                               float_bias(self.bias))
+        return self.kernel.get(str(self.weight.dtype).removeprefix("torch."), self.weight, None, None, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_native(x, self, always=False):
@@ -185,9 +184,10 @@ class QuantizedLinear(nn.Module):
     kind = ""
 
     def kernel_weight(self):
-        if self.scale.shape[1] * BLOCK != self.in_features or (self.bias is not None and float_bias(self.bias) is None):
+        bias_ok, bias = kernel_bias(self.bias)
+        if self.scale.shape[1] * BLOCK != self.in_features or not bias_ok:
             return None  # per-channel scales (an input size that is no multiple of BLOCK): the torch paths
-        return self.kernel.get(self.kind, *self.kernel_tensors(), float_bias(self.bias))
+        return self.kernel.get(self.kind, *self.kernel_tensors(), bias)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize(), self.bias)

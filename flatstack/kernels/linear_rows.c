@@ -343,7 +343,6 @@ static void tile(const Linear* L, int quantised, int bf16, int64_t esize, const 
                  const float* xs, const float* xsum, float* y, int64_t m0, int64_t n0, int mt, int r,
                  const char* ahead) {
     int64_t K = L->k, N = L->n, G = K / QB;
-    (void)G;
     if (r == R) {
         switch (mt) {
         case 4: TILE(4, R); break;
