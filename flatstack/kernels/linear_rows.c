@@ -5,6 +5,8 @@
    built around the weight stream:
    - a tile of R weight rows times up to MT activation rows: R * MT independent accumulators share each
      weight load (unpacked once, used MT times) and each activation load (used R times);
+   - float weights in steps of few rows a row at a time instead: bound by the weight stream, they read
+     one sequential stream per thread;
    - a software prefetch of the next tile's rows: short rows end before the hardware prefetcher ramps up.
    Quantised weights (int8 and int4, both in blocks of 32 along K with float16 scales: GGUF's Q8_0 and
    Q4_1 layouts) meet activations quantised per row to int8 in blocks of 32 (as llama.cpp does): each
@@ -104,6 +106,32 @@ static inline __attribute__((always_inline)) void float_tile(const float* x, con
                 s += x[i * K + k] * (bf16 ? bf16_to_float(((const uint16_t*)w)[j * K + k]) : ((const float*)w)[j * K + k]);
             y[i * N + j] = s;
         }
+}
+
+/* float32 and bfloat16 weights a row at a time, for steps of few rows: a thread's rows are then one
+   sequential stream, which the hardware prefetcher follows at close to the read bandwidth, where a tile's
+   R rows are R short streams at once */
+static inline __attribute__((always_inline)) void float_row(const float* x, const void* w, int bf16, float* y,
+                                                            int64_t K, int64_t N, int mt, const char* ahead) {
+    __m512 acc[MT][2];
+    for (int i = 0; i < mt; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        if (ahead)
+            for (int line = 0; line < (bf16 ? 64 : 128); line += 64) __builtin_prefetch(ahead + (bf16 ? 2 : 4) * k + line);
+        __m512 w0 = bf16 ? load_bf16((const uint16_t*)w + k) : _mm512_loadu_ps((const float*)w + k);
+        __m512 w1 = bf16 ? load_bf16((const uint16_t*)w + k + 16) : _mm512_loadu_ps((const float*)w + k + 16);
+        for (int i = 0; i < mt; i++) {
+            acc[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i * K + k), w0, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i * K + k + 16), w1, acc[i][1]);
+        }
+    }
+    for (int i = 0; i < mt; i++) {
+        float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
+        for (int64_t j = k; j < K; j++)
+            s += x[i * K + j] * (bf16 ? bf16_to_float(((const uint16_t*)w)[j]) : ((const float*)w)[j]);
+        y[i * N] = s;
+    }
 }
 
 /* activations quantised per row in blocks of 32: x ~ xs[b] * xq, and xsum[b] = xs[b] * the sum of the
@@ -303,6 +331,11 @@ static inline void float_tile(const float* x, const void* w, int bf16, float* y,
         }
 }
 
+static inline void float_row(const float* x, const void* w, int bf16, float* y, int64_t K, int64_t N, int mt,
+                             const char* ahead) {
+    float_tile(x, w, bf16, y, K, N, mt, 1, ahead);
+}
+
 static inline void quant_tile(const Linear* L, int64_t n0, const int8_t* xq, const float* xs, const float* xsum,
                               float* y, int mt, int r, const char* ahead) {
     (void)ahead;
@@ -369,11 +402,39 @@ static int64_t row_bytes(const Linear* L) {
     }
 }
 
-/* one tile of R weight rows (or a single last row) of one product, for every activation row */
+/* Steps of fewer than ROWS_ALONE rows read float weights a row at a time (float_row): they are bound by
+   the weight stream. From 8 rows on the arithmetic binds, and a tile's register reuse wins (design.md). */
+#define ROWS_ALONE 8
+
+static int by_row(const Linear* L, int64_t M) {
+    return M < ROWS_ALONE && (L->format == FORMAT_F32 || L->format == FORMAT_BF16);
+}
+
+static int64_t tiles_of(const Linear* L, int64_t M) {
+    return by_row(L, M) ? L->n : L->n / R + L->n % R;
+}
+
+/* one tile of R weight rows (or a single row) of one product, for every activation row */
 static void product_tile(const Linear* L, int64_t t, const float* x, const int8_t* xq, const float* xs,
                          const float* xsum, float* y, int64_t M) {
-    int64_t N = L->n, full = N / R, rb = row_bytes(L);
+    int64_t N = L->n, K = L->k, rb = row_bytes(L);
     int quantised = L->format == FORMAT_INT8 || L->format == FORMAT_INT4, bf16 = L->format == FORMAT_BF16;
+    if (by_row(L, M)) {
+        const char* w = (const char*)L->w + t * rb;
+        const char* ahead = (t * rb + AHEAD < N * rb) ? w + AHEAD : NULL;
+        for (int64_t m0 = 0; m0 < M; m0 += MT) {
+            int mt = M - m0 < MT ? (int)(M - m0) : MT;
+            switch (mt) {
+            case 3: float_row(x + m0 * K, w, bf16, y + m0 * N + t, K, N, 3, ahead); break;
+            case 2: float_row(x + m0 * K, w, bf16, y + m0 * N + t, K, N, 2, ahead); break;
+            case 1: float_row(x + m0 * K, w, bf16, y + m0 * N + t, K, N, 1, ahead); break;
+            default: float_row(x + m0 * K, w, bf16, y + m0 * N + t, K, N, MT, ahead); break;
+            }
+            ahead = NULL;
+        }
+        return;
+    }
+    int64_t full = N / R;
     int64_t n0 = t < full ? t * R : full * R + (t - full);
     int r = t < full ? R : 1;
     /* the weight AHEAD bytes on is fetched while the first activation rows run: a matrix of a decode step
@@ -391,7 +452,7 @@ static void product_tile(const Linear* L, int64_t t, const float* x, const int8_
 void linear_products(const Linear* const* Ls, float* const* ys, int count, const float* x, const int8_t* xq,
                      const float* xs, const float* xsum, int64_t M) {
     int64_t tiles[8], total = 0;
-    for (int i = 0; i < count; i++) total += tiles[i] = Ls[i]->n / R + Ls[i]->n % R;
+    for (int i = 0; i < count; i++) total += tiles[i] = tiles_of(Ls[i], M);
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < total; t++) {
         int i = 0;
