@@ -132,7 +132,8 @@ def engine_decode(llm, prompt: list[int], max_tokens: int):
 
 
 def bench_decode(model_path: str, prompt_tokens: int = 128, max_tokens: int = 128, quantize: str | None = None,
-                 baseline: bool = True, repeats: int = 3, llama_cpp: bool = False, device: str | None = None) -> dict:
+                 baseline: bool = True, repeats: int = 3, llama_cpp: bool = False, device: str | None = None,
+                 dtype: str | None = None) -> dict:
     """Batch-1 decode after warm-up, `repeats` times, each run against the bandwidth measured around it
     (measured_run); the summary is the run with the median fraction, all are listed. With `llama_cpp`,
     llama.cpp runs between flatstack's runs, so each pair meets the same moment of the machine, on a GGUF
@@ -142,13 +143,14 @@ def bench_decode(model_path: str, prompt_tokens: int = 128, max_tokens: int = 12
 
     dev = torch.device(device or "cpu")
     llm = LLM(model_path, quantize=quantize, kv_cache_memory=256 << 20, device=str(dev),
-              dtype="bfloat16" if dev.type == "cuda" else None)  # the CPU: as stored
+              dtype="bfloat16" if dev.type == "cuda" else dtype)  # the CPU: as stored, or `dtype`
     model = llm.model
     prompt = random_prompt(model.cfg.vocab_size, prompt_tokens, 0)
     context = prompt_tokens + max_tokens / 2
     per_token = bytes_per_decode_token(model, llm.runner.head, context)
     ours, warm_up_s = engine_decode(llm, prompt, max_tokens)
-    gguf = bench_llama_cpp.llama_cpp_gguf(model_path, quantize or "float", model, context) if llama_cpp else None
+    weights = quantize or ("bfloat16" if model.tok_embeddings.weight.dtype == torch.bfloat16 else "float")
+    gguf = bench_llama_cpp.llama_cpp_gguf(model_path, weights, model, context) if llama_cpp else None
     runs, theirs = [], []
     for _ in range(repeats):
         runs.append(measured_run(ours, per_token, dev))
@@ -160,7 +162,7 @@ def bench_decode(model_path: str, prompt_tokens: int = 128, max_tokens: int = 12
     report = {
         "benchmark": "decode", "device": device_name(dev), "model": model_path,
         "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
-        "weights": quantize or "float",
+        "weights": weights,
         "prompt_tokens": prompt_tokens, "new_tokens": max_tokens,
         "ceiling": {"memory_read_bandwidth_bytes_per_s": bandwidth},
         "bytes_per_token": per_token,

@@ -1,5 +1,6 @@
 """llama.cpp beside `flatstack bench decode --llama-cpp`, at the precision flatstack runs: float32 weights
-against an F32 GGUF file, int8 against Q8_0, int4 against Q4_1 (or Q4_0, when the source is stored so).
+against an F32 GGUF file, bfloat16 against BF16, int8 against Q8_0, int4 against Q4_1 (or Q4_0, when the
+source is stored so).
 
 llama-cpp-python is a benchmark-only dependency (the `bench` extra) and nothing here imports it: llama.cpp
 runs in processes of their own, the decode (two OpenMP-style thread pools in one process would compete
@@ -27,7 +28,8 @@ LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 # llama.h's llama_ftype values, which GGUF files store as general.file_type, for each flatstack weight
 # format, preferred first. flatstack's int8 is Q8_0's layout (blocks of 32, a float16 scale each) and its
 # int4 Q4_1's (a float16 scale and minimum a block); Q4_0 (a scale, no minimum) loads as int4 too.
-LLAMA_FTYPES = {"float": {"ALL_F32": 0}, "int8": {"MOSTLY_Q8_0": 7}, "int4": {"MOSTLY_Q4_1": 3, "MOSTLY_Q4_0": 2}}
+LLAMA_FTYPES = {"float": {"ALL_F32": 0}, "bfloat16": {"MOSTLY_BF16": 32}, "int8": {"MOSTLY_Q8_0": 7},
+                "int4": {"MOSTLY_Q4_1": 3, "MOSTLY_Q4_0": 2}}
 UNQUANTISED = {0, 1, 32}  # ALL_F32, MOSTLY_F16, MOSTLY_BF16: a re-save from these loses nothing to dequantising
 GUESSED = 1024  # llama.h's LLAMA_FTYPE_GUESSED, a flag on the type
 
@@ -44,8 +46,8 @@ def require_llama_cpp(model_path: str, device: str | None) -> None:
 
 
 def llama_cpp_ftype(weights: str, source_ftype: int | None) -> tuple[str, int, bool]:
-    """The llama.cpp file type to set beside flatstack's `weights` ("float", "int8", "int4"), its value, and
-    whether the source file already is of it (then it runs as stored)."""
+    """The llama.cpp file type to set beside flatstack's `weights` ("float", "bfloat16", "int8", "int4"), its
+    value, and whether the source file already is of it (then it runs as stored)."""
     accepted = LLAMA_FTYPES[weights]
     stored = None if source_ftype is None else source_ftype & ~GUESSED
     for name, value in accepted.items():

@@ -212,11 +212,13 @@ def add_bench_command(sub) -> None:
                    "serve: the model the server serves (for the step roofline), or to start with --startup")
     s.add_argument("--quantize", choices=QUANTIZE, help="decode, throughput, serve --startup: weight-only "
                    "quantisation; serve URL: the server's (for the step roofline's weight bytes)")
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), help="decode on the CPU: the model's dtype "
+                   "(default: as stored; a GGUF file's quantised tensors load as float32)")
     s.add_argument("--no-baseline", action="store_true", help="decode, throughput: skip transformers")
     s.add_argument("--prompt-tokens", type=int, default=128, help="decode: prompt length (default 128)")
     s.add_argument("--max-tokens", type=int, default=128, help="decode: tokens generated (default 128)")
     s.add_argument("--llama-cpp", action="store_true",
-                   help="decode: also llama.cpp on the .gguf file at the same precision (F32, Q8_0, Q4_1; "
+                   help="decode: also llama.cpp on the .gguf file at the same precision (F32, BF16, Q8_0, Q4_1; "
                    "re-saved once into ~/.cache/flatstack/gguf); needs pip install -e '.[bench]'")
     s.add_argument("--repeats", type=int, default=3,
                    help="decode: runs, each between two bandwidth measurements; the median is reported (default 3)")

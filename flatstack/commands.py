@@ -397,4 +397,4 @@ def bench_model_report(args) -> dict:
 
         require_llama_cpp(model, args.device)
     return bench.bench_decode(model, args.prompt_tokens, args.max_tokens, args.quantize, not args.no_baseline,
-                              args.repeats, args.llama_cpp, args.device)
+                              args.repeats, args.llama_cpp, args.device, args.dtype)

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(("weights", "source", "expected"), [
     ("float", 3, ("ALL_F32", 0, False)),          # a Q4_1 source re-saved as F32 for float32 weights
     ("float", 0, ("ALL_F32", 0, True)),           # an F32 source as stored
+    ("bfloat16", 3, ("MOSTLY_BF16", 32, False)),  # bfloat16 weights (--dtype bfloat16) against BF16
     ("int8", 3, ("MOSTLY_Q8_0", 7, False)),
     ("int8", 7, ("MOSTLY_Q8_0", 7, True)),
     ("int4", 3, ("MOSTLY_Q4_1", 3, True)),        # Q4_1 is int4's own layout

@@ -59,7 +59,7 @@ def test_greedy_equals_the_contiguous_cache_reference(name):
 
 @pytest.fixture
 def compiled_blocks(monkeypatch):
-    """The compiled decode blocks serve the CPU models the C decode step does not (bfloat16 ones); here
+    """The compiled decode blocks serve the CPU models the C decode step does not (float16 ones); here
     the float32 test models are sent to them."""
     monkeypatch.setattr(NativeDecode, "supports", staticmethod(lambda model, dtype: False))
     return monkeypatch

@@ -173,6 +173,12 @@ def test_paged_decode_attention_matches_reference(softcap, window, temperature_l
     assert (native_out - ref).abs().max() <= 1e-5
     if temperature_len is not None:  # and the temperature matters here
         assert (pa.reference(*args[:-1]) - ref).abs().max() > 1e-3
+    # bfloat16 pools (bfloat16 models): the C kernel widens each row and computes in float32
+    q16, k16, v16 = q.bfloat16(), k_pool.bfloat16(), v_pool.bfloat16()
+    wide = pa.reference(q16.float(), k16.float(), v16.float(), *args[3:])
+    out16 = pa.decode_attention(q16, k16, v16, *args[3:])
+    assert out16.dtype == torch.bfloat16
+    assert (out16.float() - wide).abs().max() <= 2 ** -8 * wide.abs().max()
 
 
 def test_native_decode_attention_on_a_real_sized_step():

@@ -1,7 +1,7 @@
 """The C decode step (engine/native_decode.py, kernels/decode_step.c) against the engine's eager step on
 the same pool: every dense variant the model file has (biases, q/k norms, Grok's four norms and soft cap,
-a sliding window, Grok-2's temperature, the three activations), every weight format, sequences of
-different lengths across block boundaries."""
+a sliding window, Grok-2's temperature, the three activations), every weight format, bfloat16 models,
+sequences of different lengths across block boundaries."""
 
 import copy
 
@@ -25,8 +25,8 @@ PROMPTS = [[5, 9, 2], list(range(10, 19)), list(range(30, 44))]
 TABLES = [[3, 0, 7], [1, 2, 4, 11], [5, 6, 8, 9, 10]]
 
 
-def runners(name: str, weights: str) -> tuple[ModelRunner, ModelRunner]:
-    model = Transformer(CONFIGS[name]).init_weights(seed=1, std=0.2).eval()
+def runners(name: str, weights: str, dtype=torch.float32) -> tuple[ModelRunner, ModelRunner]:
+    model = Transformer(CONFIGS[name]).init_weights(seed=1, std=0.2).eval().to(dtype)
     eager, native = (ModelRunner(copy.deepcopy(model), 12, BLOCK, weights, compile_decode=c) for c in (False, True))
     assert eager.decode_path == "eager" and native.decode_path == "native"
     return eager, native
@@ -53,8 +53,32 @@ def test_the_c_decode_step_equals_the_eager_step(name, weights):
         torch.testing.assert_close(native.pool.v[layer], eager.pool.v[layer], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["llama-bias-qknorm", "grok-dense"])
+def test_the_c_decode_step_runs_bfloat16_models_in_float32(name):
+    """A bfloat16 model (weights, pool) through the C step, whose activations are float32: closer to the
+    same weights run in float32 than the eager bfloat16 step is, and its new keys and values are theirs
+    rounded to bfloat16."""
+    eager, native = runners(name, "float", torch.bfloat16)
+    reference = ModelRunner(copy.deepcopy(eager.model).float(), 12, BLOCK, compile_decode=False)
+    runs = (reference, eager, native)
+    prefill = [Planned(p, 0, t, True) for p, t in zip(PROMPTS, TABLES, strict=True)]
+    for r in runs:
+        r.execute(prefill)
+    for r in runs[1:]:  # from the same keys and values
+        for layer in range(CONFIGS[name].n_layers):
+            r.pool.k[layer].copy_(reference.pool.k[layer])
+            r.pool.v[layer].copy_(reference.pool.v[layer])
+    decode = [Planned([7], len(p), t, True) for p, t in zip(PROMPTS, TABLES, strict=True)]
+    want, eager_out, got = (r.execute(decode) for r in runs)
+    error, eager_error = (got - want).abs().max(), (eager_out - want).abs().max()
+    assert error <= 2e-2 * want.abs().max() and error < eager_error, (error, eager_error)
+    slots = [t[len(p) // BLOCK] * BLOCK + len(p) % BLOCK for p, t in zip(PROMPTS, TABLES, strict=True)]
+    for pool, ref in ((native.pool.k, reference.pool.k), (native.pool.v, reference.pool.v)):  # the first layer's:
+        new, exact = pool[0].flatten(1, 2)[:, slots], ref[0].flatten(1, 2)[:, slots]  # the later ones' inputs
+        assert new.dtype == torch.bfloat16  # differ by what attention over a bfloat16 pool changes
+        torch.testing.assert_close(new.float(), exact, rtol=2 ** -8, atol=1e-5)
+
+
 def test_models_the_c_step_does_not_run_keep_their_paths():
     moe = Transformer(ModelConfig(**SMALL, n_experts=4)).init_weights(seed=1).eval()
     assert ModelRunner(moe, 12, BLOCK).native is None
-    bf16 = Transformer(ModelConfig(**SMALL)).init_weights(seed=1).eval().to(torch.bfloat16)
-    assert ModelRunner(bf16, 12, BLOCK).native is None

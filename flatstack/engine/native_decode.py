@@ -1,9 +1,9 @@
-"""Decode steps on the CPU in one C call (kernels/decode_step.c): every block of a dense float32 model
-over the step's sequences, the products in the C kernels of whatever format the weights are in
+"""Decode steps on the CPU in one C call (kernels/decode_step.c): every block of a dense model (float32 or
+bfloat16; the step's activations are float32 either way) over the step's sequences, the products in the C kernels of whatever format the weights are in
 (kernels/linear_rows.c), attention through the block tables, the new keys and values written into the
 pool. No compile: it serves from the first step, for any number of sequences.
 
-`NativeDecode.supports` says which models it runs (dense, float32 activations, weights the kernels read);
+`NativeDecode.supports` says which models it runs (dense, float32 or bfloat16, weights the kernels read);
 the others keep the compiled or eager paths. The C structs point into the model's own tensors, which this
 object keeps alive; the model must not be moved or re-loaded while it is in use.
 """
@@ -30,7 +30,7 @@ class Layer(ctypes.Structure):
 class Model(ctypes.Structure):
     _fields_ = [*((name, ctypes.c_int64) for name in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim",
                                                       "ffn_dim", "num_blocks", "block_size", "activation",
-                                                      "window", "temperature_len")),
+                                                      "window", "temperature_len", "kv_bf16")),
                 ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("softcap", ctypes.c_float),
                 ("layers", ctypes.POINTER(Layer)), ("final_norm", ctypes.c_void_p), ("head", native.Linear)]
 
@@ -68,8 +68,8 @@ class NativeDecode:
         attn = model.layers[0].attn
         self.struct = Model(cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim,
                             k_pool.shape[2], k_pool.shape[3], ACTIVATION_CODES[cfg.activation],
-                            cfg.sliding_window or 0, cfg.attn_temperature_len or 0, cfg.rms_norm_eps, attn.scale,
-                            cfg.attn_logit_softcap or 0.0, layers)
+                            cfg.sliding_window or 0, cfg.attn_temperature_len or 0, k_pool.dtype == torch.bfloat16,
+                            cfg.rms_norm_eps, attn.scale, cfg.attn_logit_softcap or 0.0, layers)
         head_weight = head.kernel_weight()
         if head_weight is not None:
             self.final_norm = model.norm.weight.data.float().contiguous()
@@ -79,20 +79,20 @@ class NativeDecode:
 
     @staticmethod
     def supports(model: Transformer, pool_dtype: torch.dtype) -> bool:
-        """Dense float32 models on the CPU whose every product has a format the C kernels read."""
+        """Dense float32 or bfloat16 models on the CPU whose every product has a format the C kernels read."""
         cfg = model.cfg
-        if cfg.is_moe or pool_dtype != torch.float32 or model.tok_embeddings.weight.device.type != "cpu" \
-                or native.library() is None:
+        cpu = model.tok_embeddings.weight.device.type == "cpu"
+        if cfg.is_moe or pool_dtype not in (torch.float32, torch.bfloat16) or not cpu or native.library() is None:
             return False
         return all(linear.kernel_weight() is not None for block in model.layers
                    for linear in block_products(block).values())
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
             lengths: torch.Tensor) -> torch.Tensor:
-        """x [M, D] float32, the step's embedded tokens, through every block in place; cos, sin [M, head_dim];
-        slots [M] the new tokens' pool slots; tables [M, width]; lengths [M] contexts with the new token.
+        """x [M, D], the step's embedded tokens, through every block (in place where float32); cos, sin
+        [M, head_dim]; slots [M] the new tokens' pool slots; tables [M, width]; lengths [M] contexts with the new token.
         -> the head's logits [M, V] if it has the head, else the last block's output x."""
-        x, cos, sin = x.contiguous(), cos.float().contiguous(), sin.float().contiguous()
+        x, cos, sin = x.float().contiguous(), cos.float().contiguous(), sin.float().contiguous()
         slots, tables, lengths = slots.long().contiguous(), tables.long().contiguous(), lengths.long().contiguous()
         logits = None if self.vocab is None else torch.empty(x.shape[0], self.vocab)
         native.library().decode_step(ctypes.byref(self.struct), x.data_ptr(), x.shape[0], cos.data_ptr(),

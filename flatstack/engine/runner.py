@@ -302,9 +302,9 @@ class ModelRunner:
         width = max(2, *(len(entry.table) for entry in step))
         tables = torch.tensor([entry.table + [0] * (width - len(entry.table)) for entry in step])
         x = model.embed(torch.tensor([entry.tokens[0] for entry in step]))
-        cos, sin = rope_cos_sin(self.inv_freq, torch.tensor(positions), x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, torch.tensor(positions), torch.float32)  # the step's activations'
         out = self.native.run(x, cos, sin, torch.tensor(slots), tables, torch.tensor(positions) + 1)
         if self.native.vocab is not None:  # the head's product done: the multiplier and soft cap remain
             return model.logits(out, head=lambda logits: logits)
         with decode_step():
-            return model.logits(model.norm(out), self.head).float()
+            return model.logits(model.norm(out.to(self.dtype)), self.head).float()

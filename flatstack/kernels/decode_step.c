@@ -20,22 +20,37 @@ enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2 };
 typedef struct {
     const float *attn_norm, *ffn_norm, *post_attn_norm, *post_ffn_norm, *q_norm, *k_norm; /* NULL: absent */
     Linear q, k, v, o, gate, up, down;
-    float *k_pool, *v_pool; /* this layer's [n_kv_heads, num_blocks, block_size, head_dim] */
+    void *k_pool, *v_pool; /* this layer's [n_kv_heads, num_blocks, block_size, head_dim], float32 or bfloat16 */
 } Layer;
 
 typedef struct {
     int64_t n_layers, d_model, n_heads, n_kv_heads, head_dim, ffn_dim, num_blocks, block_size;
     int64_t activation, window, temperature_len; /* window, temperature_len <= 0: none */
+    int64_t kv_bf16;                             /* the pool holds bfloat16 (activations stay float32) */
     float eps, scale, softcap;                   /* softcap <= 0: none */
     const Layer* layers;
     const float* final_norm; /* with head: the LM head after the blocks (NULL: the caller's) */
     Linear head;
 } Model;
 
-void paged_decode(const float* q, const float* k_pool, const float* v_pool, const int64_t* tables,
+void paged_decode(const float* q, const void* k_pool, const void* v_pool, const int64_t* tables,
                   const int64_t* lengths, float* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
                   int64_t num_blocks, int64_t bs, int64_t width, float scale, float softcap, int64_t window,
-                  int64_t temperature_len);
+                  int64_t temperature_len, int64_t kv_bf16);
+
+/* D floats into a pool row: copied, or rounded to bfloat16 to nearest even as torch's .to(bfloat16) */
+static void store_row(void* pool, int kv_bf16, int64_t at, const float* src, int64_t D) {
+    if (!kv_bf16) {
+        memcpy((float*)pool + at * D, src, sizeof(float) * D);
+        return;
+    }
+    uint16_t* row = (uint16_t*)pool + at * D;
+    for (int64_t d = 0; d < D; d++) {
+        uint32_t bits;
+        memcpy(&bits, src + d, 4);
+        row[d] = isnan(src[d]) ? (uint16_t)((bits >> 16) | 0x40) : (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+    }
+}
 
 /* out = x / rms(x) * weight over rows of n (F.rms_norm in float32) */
 static void rms_norm(const float* x, const float* weight, float* out, int64_t rows, int64_t n, float eps) {
@@ -113,12 +128,12 @@ static void attention(const Model* m, const Layer* L, const Scratch* s, int64_t 
     rope(s->k, cos, sin, M, Hkv, D);
     for (int64_t i = 0; i < M; i++) /* the new keys and values into their slots */
         for (int64_t h = 0; h < Hkv; h++) {
-            int64_t at = ((h * m->num_blocks + slots[i] / bs) * bs + slots[i] % bs) * D;
-            memcpy(L->k_pool + at, s->k + (i * Hkv + h) * D, sizeof(float) * D);
-            memcpy(L->v_pool + at, s->v + (i * Hkv + h) * D, sizeof(float) * D);
+            int64_t at = (h * m->num_blocks + slots[i] / bs) * bs + slots[i] % bs;
+            store_row(L->k_pool, m->kv_bf16, at, s->k + (i * Hkv + h) * D, D);
+            store_row(L->v_pool, m->kv_bf16, at, s->v + (i * Hkv + h) * D, D);
         }
     paged_decode(s->q, L->k_pool, L->v_pool, tables, lengths, s->att, M, H, Hkv, D, m->num_blocks, bs, width,
-                 m->scale, m->softcap, m->window, m->temperature_len);
+                 m->scale, m->softcap, m->window, m->temperature_len, m->kv_bf16);
 }
 
 static void block(const Model* m, const Layer* L, const Scratch* s, float* x, int64_t M, const float* cos,

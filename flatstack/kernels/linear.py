@@ -133,22 +133,22 @@ class KernelWeight:
     def __init__(self):
         self.tensors: tuple = ()
         self.struct = None
+        self.bias = None  # the float32 bias the struct points at
 
     def get(self, kind: str, *tensors):
+        """`tensors`: the weight's, as native.describe takes them, the bias (or None) last; the kernel adds
+        a float32 bias, so a bfloat16 model's is copied once."""
         if len(self.tensors) != len(tensors) or any(a is not b for a, b in zip(self.tensors, tensors, strict=True)):
-            ok = tensors[0].device.type == "cpu" and all(t is None or t.is_contiguous() for t in tensors)
-            self.struct = native.describe(kind, *tensors) if ok else None
+            *weight, bias = tensors
+            self.bias = None if bias is None else bias.detach().float().contiguous()
+            ok = weight[0].device.type == "cpu" and all(t is None or t.is_contiguous() for t in weight)
+            self.struct = native.describe(kind, *weight, bias=self.bias) if ok else None
             self.tensors = tensors
         return self.struct
 
 
 def rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
-
-
-def kernel_bias(bias: nn.Parameter | None) -> tuple[bool, torch.Tensor | None]:
-    """(whether the C kernel can add this bias: none, or float32; the tensor it reads)."""
-    return bias is None or bias.dtype == torch.float32, None if bias is None else bias.data
 
 
 class FloatLinear(nn.Module):
@@ -163,10 +163,9 @@ class FloatLinear(nn.Module):
         self.kernel = KernelWeight()
 
     def kernel_weight(self):
-        bias_ok, bias = kernel_bias(self.bias)
-        if self.weight.dtype not in (torch.float32, torch.bfloat16) or not bias_ok:
+        if self.weight.dtype not in (torch.float32, torch.bfloat16):
             return None
-        return self.kernel.get(str(self.weight.dtype).removeprefix("torch."), self.weight, None, None, bias)
+        return self.kernel.get(str(self.weight.dtype).removeprefix("torch."), self.weight, None, None, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_native(x, self, always=False):
@@ -184,10 +183,9 @@ class QuantizedLinear(nn.Module):
     kind = ""
 
     def kernel_weight(self):
-        bias_ok, bias = kernel_bias(self.bias)
-        if self.scale.shape[1] * BLOCK != self.in_features or not bias_ok:
+        if self.scale.shape[1] * BLOCK != self.in_features:
             return None  # per-channel scales (an input size that is no multiple of BLOCK): the torch paths
-        return self.kernel.get(self.kind, *self.kernel_tensors(), bias)
+        return self.kernel.get(self.kind, *self.kernel_tensors(), self.bias)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize(), self.bias)

@@ -112,7 +112,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.decode_step.argtypes = [pointer, pointer, size, pointer, pointer, pointer, pointer, size, pointer, pointer]
     lib.decode_step.restype = None
     lib.paged_decode.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float] * 2
-                                 + [ctypes.c_int64] * 2)
+                                 + [ctypes.c_int64] * 3)
     lib.paged_decode.restype = None
     return lib
 
@@ -130,16 +130,18 @@ def linear_rows(weight: Linear, x: torch.Tensor, lib: ctypes.CDLL | None = None)
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                  lengths: torch.Tensor, scale: float, softcap: float | None = None,
                  window: int | None = None, temperature_len: int | None = None) -> torch.Tensor:
-    """`paged_decode_attention` (kernels/paged_attention.py) for float32 CPU pools: the C kernel."""
+    """`paged_decode_attention` (kernels/paged_attention.py) for float32 or bfloat16 CPU pools: the C
+    kernel, in float32 (q's dtype out)."""
     lib = library()
     assert lib is not None, "paged_decode called without the native library"
     B, H, D = q.shape
     Hkv, num_blocks, bs, _ = k_pool.shape
-    # the C loop indexes raw memory: contiguous float32 pools, int64 tables (no-ops for the engine's own)
-    q, k_pool, v_pool = q.contiguous(), k_pool.contiguous(), v_pool.contiguous()
+    assert k_pool.dtype == v_pool.dtype and k_pool.dtype in (torch.float32, torch.bfloat16), k_pool.dtype
+    # the C loop indexes raw memory: contiguous pools, int64 tables (no-ops for the engine's own)
+    x, k_pool, v_pool = q.float().contiguous(), k_pool.contiguous(), v_pool.contiguous()
     tables, lengths = block_tables.long().contiguous(), lengths.long().contiguous()
-    out = torch.empty_like(q)
-    lib.paged_decode(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), lengths.data_ptr(),
+    out = torch.empty_like(x)
+    lib.paged_decode(x.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), lengths.data_ptr(),
                      out.data_ptr(), B, H, Hkv, D, num_blocks, bs, tables.shape[1], scale, softcap or 0.0, window or 0,
-                     temperature_len or 0)
-    return out
+                     temperature_len or 0, k_pool.dtype == torch.bfloat16)
+    return out.to(q.dtype)

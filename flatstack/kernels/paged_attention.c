@@ -1,4 +1,4 @@
-/* Decode attention through block tables for float32 pools: the C form of `paged_decode_attention`
+/* Decode attention through block tables for float32 or bfloat16 pools: the C form of `paged_decode_attention`
    (kernels/paged_attention.py), built and loaded by kernels/native.py.
 
    The torch path gathers every sequence's blocks into one padded copy and runs small matmuls over it;
@@ -6,13 +6,14 @@
    Here each (sequence, KV head) reads its keys and values where they lie in the pool, once, for all the
    query heads that share them, and only up to the sequence's own length.
 
-   q [B, H, D]; pools [Hkv, num_blocks, bs, D]; tables [B, width]; lengths [B] (the query's own position
-   included) -> out [B, H, D]. softcap <= 0: none; window <= 0: none; temperature_len > 0: Grok-2's
+   q [B, H, D] float32; pools [Hkv, num_blocks, bs, D] (bfloat16 where kv_bf16); tables [B, width];
+   lengths [B] (the query's own position included) -> out [B, H, D] float32. softcap <= 0: none; window <= 0: none; temperature_len > 0: Grok-2's
    temperature, the capped logits of a query at position p > L times log2(p) / log2(L). */
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "vec.h"
 
@@ -28,16 +29,28 @@ static inline float dot(const float* a, const float* b, int64_t D) {
     return sum;
 }
 
-/* a row of D floats, a cache line at a time: each block is a page of its own, where the hardware
-   prefetcher starts cold */
-static inline void prefetch_row(const float* row, int64_t D) {
-    for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(row + d);
+/* position s's row of D values in a pool, as float32: where the pool holds bfloat16, widened into buf */
+static inline const float* pool_row(const void* pool, int kv_bf16, int64_t at, int64_t D, float* buf) {
+    if (!kv_bf16) return (const float*)pool + at * D;
+    const uint16_t* row = (const uint16_t*)pool + at * D;
+    for (int64_t d = 0; d < D; d++) {
+        uint32_t bits = (uint32_t)row[d] << 16;
+        memcpy(buf + d, &bits, 4);
+    }
+    return buf;
 }
 
-void paged_decode(const float* q, const float* k_pool, const float* v_pool, const int64_t* tables,
+/* a row of D values, a cache line at a time: each block is a page of its own, where the hardware
+   prefetcher starts cold */
+static inline void prefetch_row(const void* pool, int kv_bf16, int64_t at, int64_t D) {
+    int64_t bytes = D * (kv_bf16 ? 2 : 4);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char*)pool + at * bytes + b);
+}
+
+void paged_decode(const float* q, const void* k_pool, const void* v_pool, const int64_t* tables,
                   const int64_t* lengths, float* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
                   int64_t num_blocks, int64_t bs, int64_t width, float scale, float softcap, int64_t window,
-                  int64_t temperature_len) {
+                  int64_t temperature_len, int64_t kv_bf16) {
     int64_t group = H / Hkv;
 #pragma omp parallel for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < B; b++) {
@@ -49,11 +62,12 @@ void paged_decode(const float* q, const float* k_pool, const float* v_pool, cons
             const int64_t* table = tables + b * width;
             const float* qb = q + (b * H + kv * group) * D;
             float* ob = out + (b * H + kv * group) * D;
-            float* logits = malloc(sizeof(float) * group * (n - first));
+            float* logits = malloc(sizeof(float) * (group * (n - first) + D));
+            float* row = logits + group * (n - first); /* a bfloat16 row widened */
             for (int64_t s = first; s < n; s++) {
-                const float* k = k_pool + ((kv * num_blocks + table[s / bs]) * bs + s % bs) * D;
+                const float* k = pool_row(k_pool, kv_bf16, (kv * num_blocks + table[s / bs]) * bs + s % bs, D, row);
                 if (s + bs < n) /* the next block is elsewhere in the pool: ask for it a block ahead */
-                    prefetch_row(k_pool + ((kv * num_blocks + table[(s + bs) / bs]) * bs + s % bs) * D, D);
+                    prefetch_row(k_pool, kv_bf16, (kv * num_blocks + table[(s + bs) / bs]) * bs + s % bs, D);
                 for (int64_t g = 0; g < group; g++) {
                     float logit = dot(qb + g * D, k, D) * scale;
                     if (softcap > 0) logit = softcap * tanhf(logit / softcap);
@@ -72,9 +86,9 @@ void paged_decode(const float* q, const float* k_pool, const float* v_pool, cons
                 for (int64_t d = 0; d < D; d++) ob[g * D + d] = 0.0f;
             }
             for (int64_t s = first; s < n; s++) {
-                const float* v = v_pool + ((kv * num_blocks + table[s / bs]) * bs + s % bs) * D;
+                const float* v = pool_row(v_pool, kv_bf16, (kv * num_blocks + table[s / bs]) * bs + s % bs, D, row);
                 if (s + bs < n)
-                    prefetch_row(v_pool + ((kv * num_blocks + table[(s + bs) / bs]) * bs + s % bs) * D, D);
+                    prefetch_row(v_pool, kv_bf16, (kv * num_blocks + table[(s + bs) / bs]) * bs + s % bs, D);
                 for (int64_t g = 0; g < group; g++) {
                     float p = logits[g * (n - first) + s - first];
                     float* og = ob + g * D;

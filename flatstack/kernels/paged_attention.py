@@ -81,14 +81,15 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, scale: floa
 
 def decode_attention(q, k_pool, v_pool, block_tables, lengths, scale: float, softcap: float | None = None,
                      window: int | None = None, temperature_len: int | None = None) -> torch.Tensor:
-    """`paged_decode_attention`, in C where it can run: float32 pools on the CPU, the kernels built; in
-    Triton for CUDA tensors."""
+    """`paged_decode_attention`, in C where it can run: float32 or bfloat16 pools on the CPU, the kernels
+    built; in Triton for CUDA tensors."""
     if q.is_cuda:
         from flatstack.kernels.paged_decode_triton import paged_decode
 
         return paged_decode(q, k_pool, v_pool, block_tables, lengths, scale, softcap, window,
                             temperature_len=temperature_len)
-    if q.device.type == "cpu" and q.dtype == k_pool.dtype == torch.float32 and native.library() is not None:
+    if q.device.type == "cpu" and q.dtype == k_pool.dtype and q.dtype in (torch.float32, torch.bfloat16) \
+            and native.library() is not None:
         return native.paged_decode(q, k_pool, v_pool, block_tables, lengths, scale, softcap, window, temperature_len)
     return paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, scale, softcap, window, temperature_len)
 
