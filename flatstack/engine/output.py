@@ -37,17 +37,8 @@ class OutputProcessor:
 
     def process(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
         """A token for each sequence from its row of logits [len(seqs), V]; an output for each that has
-        one to give. The tokens are picked on the logits' device and read back in one transfer. A sequence
-        whose sampling or stop handling fails ends alone, with an error output."""
-        best = logits.argmax(-1)  # greedy rows without penalties need nothing more
-        picks, failed = [], {}
-        for i, (seq, row) in enumerate(zip(seqs, logits, strict=True)):
-            try:
-                picks.append(best[i] if seq.params.greedy and not seq.params.penalised else self.pick(seq, row))
-            except Exception as e:  # this request's own failure
-                picks.append(best[i])
-                failed[i] = e
-        tokens = torch.stack(picks).tolist() if picks else []
+        one to give. A sequence whose sampling or stop handling fails ends alone, with an error output."""
+        tokens, failed = self.pick_all(seqs, logits)
         outputs = []
         for i, (seq, row, token) in enumerate(zip(seqs, logits, tokens, strict=True)):
             try:
@@ -62,6 +53,22 @@ class OutputProcessor:
             if out is not None:
                 outputs.append(out)
         return outputs
+
+    def pick_all(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], dict[int, Exception]]:
+        """Each sequence's token, picked on the logits' device and read back in one transfer, and the
+        failures by row. Greedy rows without penalties need only the argmax: on the CPU numpy's, a tenth of
+        torch's time over a large vocabulary, which is a share of a small model's decode step."""
+        if logits.device.type == "cpu" and all(seq.params.greedy and not seq.params.penalised for seq in seqs):
+            return logits.numpy().argmax(-1).tolist(), {}
+        best = logits.argmax(-1)
+        picks, failed = [], {}
+        for i, (seq, row) in enumerate(zip(seqs, logits, strict=True)):
+            try:
+                picks.append(best[i] if seq.params.greedy and not seq.params.penalised else self.pick(seq, row))
+            except Exception as e:  # this request's own failure
+                picks.append(best[i])
+                failed[i] = e
+        return (torch.stack(picks).tolist() if picks else []), failed
 
     def pick(self, seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
         p = seq.params
