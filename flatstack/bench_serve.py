@@ -120,7 +120,7 @@ def decode_costs(model_path: str, quantize: str | None, dtype: str | None) -> di
     return {"weight_bytes": bytes_per_decode_token(llm.model, llm.runner.head, 0),
             "kv_bytes_per_position": kv_bytes_per_token(llm.model, kv_dtype),
             "matmul_flops_per_token": model_stats(cfg, 2).flops_per_token - per_key,
-            "attention_flops_per_position": per_key}
+            "attention_flops_per_position": per_key, "vocab_size": cfg.vocab_size}
 
 
 def step_roofline(batch: int, context: float, costs: dict, bandwidth: float, peak_flops: float,
@@ -177,10 +177,12 @@ def bench_serve(url: str, concurrencies: list[int], num_prompts: int = 64, rate:
     url = url.rstrip("/").removesuffix("/v1")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     info = httpx.get(f"{url}/v1/models", headers=headers).json()["data"][0]
-    vocab = info.get("vocab_size", 256)
     if model_path:
         costs = decode_costs(model_path, quantize, "bfloat16" if device and "cuda" in device else None)
         ceiling = serve_ceilings(device)
+    # the prompts' token ids: from the served vocabulary (flatstack's /v1/models says it; another server's model
+    # is `--model`'s), so every server given the same model gets the same requests
+    vocab = info.get("vocab_size") or (costs["vocab_size"] if model_path else 256)
     runs = []
     for concurrency in concurrencies:
         n = max(num_prompts, concurrency)
