@@ -38,18 +38,14 @@ void paged_decode(const float* q, const void* k_pool, const void* v_pool, const 
                   int64_t num_blocks, int64_t bs, int64_t width, float scale, float softcap, int64_t window,
                   int64_t temperature_len, int64_t kv_bf16);
 
-/* D floats into a pool row: copied, or rounded to bfloat16 to nearest even as torch's .to(bfloat16) */
+/* D floats into a pool row: copied, or rounded to bfloat16 */
 static void store_row(void* pool, int kv_bf16, int64_t at, const float* src, int64_t D) {
     if (!kv_bf16) {
         memcpy((float*)pool + at * D, src, sizeof(float) * D);
         return;
     }
     uint16_t* row = (uint16_t*)pool + at * D;
-    for (int64_t d = 0; d < D; d++) {
-        uint32_t bits;
-        memcpy(&bits, src + d, 4);
-        row[d] = isnan(src[d]) ? (uint16_t)((bits >> 16) | 0x40) : (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
-    }
+    for (int64_t d = 0; d < D; d++) row[d] = float_to_bf16(src[d]);
 }
 
 /* out = x / rms(x) * weight over rows of n (F.rms_norm in float32) */

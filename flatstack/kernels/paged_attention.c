@@ -1,5 +1,5 @@
-/* Decode attention through block tables for float32 or bfloat16 pools: the C form of `paged_decode_attention`
-   (kernels/paged_attention.py), built and loaded by kernels/native.py.
+/* Decode attention through block tables for float32 or bfloat16 pools: the C form of
+   `paged_decode_attention` (kernels/paged_attention.py), built and loaded by kernels/native.py.
 
    The torch path gathers every sequence's blocks into one padded copy and runs small matmuls over it;
    in a decode step of tens of sequences that copy, not the arithmetic, is most of the attention's time.
@@ -7,13 +7,13 @@
    query heads that share them, and only up to the sequence's own length.
 
    q [B, H, D] float32; pools [Hkv, num_blocks, bs, D] (bfloat16 where kv_bf16); tables [B, width];
-   lengths [B] (the query's own position included) -> out [B, H, D] float32. softcap <= 0: none; window <= 0: none; temperature_len > 0: Grok-2's
-   temperature, the capped logits of a query at position p > L times log2(p) / log2(L). */
+   lengths [B] (the query's own position included) -> out [B, H, D] float32. softcap <= 0: none;
+   window <= 0: none; temperature_len > 0: Grok-2's temperature, the capped logits of a query at
+   position p > L times log2(p) / log2(L). */
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "vec.h"
 
@@ -33,10 +33,7 @@ static inline float dot(const float* a, const float* b, int64_t D) {
 static inline const float* pool_row(const void* pool, int kv_bf16, int64_t at, int64_t D, float* buf) {
     if (!kv_bf16) return (const float*)pool + at * D;
     const uint16_t* row = (const uint16_t*)pool + at * D;
-    for (int64_t d = 0; d < D; d++) {
-        uint32_t bits = (uint32_t)row[d] << 16;
-        memcpy(buf + d, &bits, 4);
-    }
+    for (int64_t d = 0; d < D; d++) buf[d] = bf16_to_float(row[d]);
     return buf;
 }
 

@@ -16,6 +16,22 @@ static inline f16 load16(const float* p) {
     return v;
 }
 
+/* bfloat16 is float32's upper half: widening is a shift */
+static inline float bf16_to_float(uint16_t b) {
+    uint32_t bits = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* rounded to nearest even, as torch's .to(torch.bfloat16); a NaN stays a (quiet) NaN */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffff) > 0x7f800000) return (uint16_t)((bits >> 16) | 0x40);
+    return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
 /* halves added in registers: a chain of sixteen scalar adds, or a spill to memory, costs as much as
    the dot product of a short row */
 static inline float hsum(f16 a) {
