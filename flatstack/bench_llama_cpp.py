@@ -24,6 +24,9 @@ import torch
 
 # kept equal to pyproject.toml's `bench` extra (tests/test_bench_logic.py): the version this was built with
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+# this CPU's AVX-512 without -march=native, which would also build the AMX kernels
+NO_AMX = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON "
+          "-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON")
 
 # llama.h's llama_ftype values, which GGUF files store as general.file_type, for each flatstack weight
 # format, preferred first. flatstack's int8 is Q8_0's layout (blocks of 32, a float16 scale each) and its
@@ -176,7 +179,12 @@ def llama_cpp_decode(gguf: str, prompt: list[int], max_tokens: int) -> tuple[flo
     args = json.dumps([gguf, prompt, max_tokens, torch.get_num_threads()])
     out = subprocess.run([sys.executable, "-c", LLAMA_CPP_DECODE, args], capture_output=True, text=True)
     if out.returncode != 0:
-        raise ChildProcessError(f"llama.cpp failed on {gguf} (exit {out.returncode}): {out.stderr.strip()[-600:]}")
+        # llama.cpp built for this CPU takes its AMX kernels for quantised files where the CPU has AMX,
+        # and those crash on some machines (a segfault in ggml_backend_amx_mul_mat)
+        hint = (f"; on a CPU with AMX, rebuild llama.cpp without it: CMAKE_ARGS=\"{NO_AMX}\" pip install "
+                f"--force-reinstall --no-deps --no-cache-dir {LLAMA_CPP_PYTHON}") if out.returncode == -11 else ""
+        stderr = out.stderr.strip()[-600:]
+        raise ChildProcessError(f"llama.cpp failed on {gguf} (exit {out.returncode}): {stderr}{hint}")
     tokens_per_s, first = json.loads(out.stdout.strip().splitlines()[-1])
     return tokens_per_s, first
 

@@ -74,7 +74,9 @@ def test_moe_balance_loss_moves_the_router():
 
     balance_before, before = balance_and_load_of_expert0()
     assert before > 0.9
-    opt = torch.optim.SGD(moe.router.parameters(), lr=0.02)
+    # a small step: at 0.02 the router overshoots, and which expert takes the load flips from step to step
+    # (where step 50 lands then depends on the machine's rounding)
+    opt = torch.optim.SGD(moe.router.parameters(), lr=0.002)
     for _ in range(50):
         opt.zero_grad()
         balance_and_load_of_expert0()[0].backward()
