@@ -82,3 +82,30 @@ def test_the_c_decode_step_runs_bfloat16_models_in_float32(name):
 def test_models_the_c_step_does_not_run_keep_their_paths():
     moe = Transformer(ModelConfig(**SMALL, n_experts=4)).init_weights(seed=1).eval()
     assert ModelRunner(moe, 12, BLOCK).native is None
+
+
+@pytest.mark.parametrize("weights", ["float", "int8"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_decodes_beside_prompt_chunks_take_the_c_step(name, weights):
+    """A step of decodes and prompt chunks (one chunk that ends the prompt and samples, one that does not) is
+    a row per token in the C step, each at its own position: the eager step's logits, keys and values."""
+    eager, native = runners(name, weights)
+    calls = []
+    step_in_c = native.native_step
+    native.native_step = lambda step: calls.append(len(step)) or step_in_c(step)
+    first = [Planned(PROMPTS[0], 0, TABLES[0], True)]
+    token = [r.execute(first) for r in (eager, native)][0].argmax(-1).item()
+    cut = 5
+    steps = [[Planned([token], len(PROMPTS[0]), TABLES[0], True), Planned(PROMPTS[1], 0, TABLES[1], True),
+              Planned(PROMPTS[2][:cut], 0, TABLES[2], False)],
+             [Planned([3], len(PROMPTS[0]) + 1, TABLES[0], True), Planned([4], len(PROMPTS[1]), TABLES[1], True),
+              Planned(PROMPTS[2][cut:], cut, TABLES[2], True)]]
+    tolerance = 1e-4 if weights == "float" else 2e-2
+    for samplers, step in zip((2, 3), steps, strict=True):
+        want, got = (r.execute(step) for r in (eager, native))
+        assert got.shape == want.shape == (samplers, CONFIGS[name].vocab_size)
+        assert (got - want).abs().max() <= tolerance * want.abs().max()
+    assert calls == [3, 3]
+    for layer in range(CONFIGS[name].n_layers):
+        torch.testing.assert_close(native.pool.k[layer], eager.pool.k[layer], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(native.pool.v[layer], eager.pool.v[layer], rtol=1e-3, atol=1e-3)

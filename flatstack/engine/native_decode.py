@@ -1,5 +1,6 @@
 """Decode steps on the CPU in one C call (kernels/decode_step.c): every block of a dense model (float32 or
-bfloat16; the step's activations are float32 either way) over the step's sequences, the products in the C
+bfloat16; the step's activations are float32 either way) over the step's tokens (decodes, and short prompt
+chunks beside them, a row per token), the products in the C
 kernels of whatever format the weights are in (kernels/linear_rows.c), attention through the block tables,
 the new keys and values written into the pool. No compile: it serves from the first step, for any number of sequences.
 
@@ -88,14 +89,16 @@ class NativeDecode:
                    for linear in block_products(block).values())
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
-            lengths: torch.Tensor) -> torch.Tensor:
-        """x [M, D], the step's embedded tokens, through every block (in place where float32); cos, sin
-        [M, head_dim]; slots [M] the new tokens' pool slots; tables [M, width]; lengths [M] contexts with the new token.
-        -> the head's logits [M, V] if it has the head, else the last block's output x."""
+            lengths: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """x [M, D], the step's embedded tokens (a decode's one, or a prompt chunk's each), through every block
+        (in place where float32); cos, sin [M, head_dim]; slots [M] the tokens' pool slots; tables [M, width]
+        their sequences' tables; lengths [M] each token's context, itself included; heads [R] the rows that
+        sample. -> the head's logits [R, V] at those rows if it has the head, else the last block's output x."""
         x, cos, sin = x.float().contiguous(), cos.float().contiguous(), sin.float().contiguous()
         slots, tables, lengths = slots.long().contiguous(), tables.long().contiguous(), lengths.long().contiguous()
-        logits = None if self.vocab is None else torch.empty(x.shape[0], self.vocab)
+        heads = heads.long().contiguous()
+        logits = None if self.vocab is None else torch.empty(len(heads), self.vocab)
         native.library().decode_step(ctypes.byref(self.struct), x.data_ptr(), x.shape[0], cos.data_ptr(),
                                      sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), tables.shape[1],
-                                     lengths.data_ptr(), native.address(logits))
+                                     lengths.data_ptr(), heads.data_ptr(), len(heads), native.address(logits))
         return x if logits is None else logits

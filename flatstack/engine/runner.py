@@ -25,7 +25,7 @@ from flatstack.engine.decode_graphs import DecodeGraphs
 from flatstack.engine.native_decode import NativeDecode
 from flatstack.engine.sequence import Sequence
 from flatstack.kernels import attention, moe
-from flatstack.kernels.linear import FEW_ROWS, LINEARS, decode_step
+from flatstack.kernels.linear import FEW_ROWS, LINEARS, NATIVE_ROWS, decode_step
 from flatstack.kernels.paged_attention import decode_attention, gather_blocks
 from flatstack.model import Transformer, rope_cos_sin, rope_frequencies
 
@@ -270,7 +270,10 @@ class ModelRunner:
         decoding = len(tokens) == len(step)
         # every entry samples: a one-token prompt chunk that does not (a budget of one token left) runs eagerly
         whole = all(entry.samples for entry in step)
-        if decoding and whole and self.native is not None:
+        # the C step takes every step of decodes alone, and decodes beside prompt chunks up to NATIVE_ROWS
+        # tokens in all; past that (and for prompts alone) torch's GEMM is faster than the C tiles
+        if self.native is not None and (decoding and whole or len(tokens) <= NATIVE_ROWS
+                                        and any(entry.start > 0 and len(entry.tokens) == 1 for entry in step)):
             return self.native_step(step)
         batch = PagedBatch(model, self.pool, step, self.device, self.packed)
         if decoding and whole and self.graphed is not None and len(step) <= self.graphed.max_seqs:
@@ -293,18 +296,27 @@ class ModelRunner:
             return model.logits(hidden, self.head).float()
 
     def native_step(self, step: list[Planned]) -> torch.Tensor:
-        """A decode step in one C call through the blocks (and the LM head, where the kernels read its
-        format); every sequence samples. Its inputs made in plain Python: a PagedBatch's tensor ops per
-        sequence cost a tenth of a small model's step."""
+        """A step in one C call through the blocks (and the LM head, where the kernels read its format): a
+        row per token, a prompt chunk's tokens each with its own position and its sequence's table; the
+        head at the last row of each sequence that samples. Its inputs made in plain Python: a PagedBatch's
+        tensor ops per sequence cost a tenth of a small model's step."""
         model, bs = self.model, self.pool.block_size
-        positions = [entry.start for entry in step]
-        slots = [entry.table[p // bs] * bs + p % bs for entry, p in zip(step, positions, strict=True)]
         width = max(2, *(len(entry.table) for entry in step))
-        tables = torch.tensor([entry.table + [0] * (width - len(entry.table)) for entry in step])
-        x = model.embed(torch.tensor([entry.tokens[0] for entry in step]))
+        tokens, positions, slots, tables, heads = [], [], [], [], []
+        for entry in step:
+            table = entry.table + [0] * (width - len(entry.table))
+            for p in range(entry.start, entry.start + len(entry.tokens)):
+                positions.append(p)
+                slots.append(entry.table[p // bs] * bs + p % bs)
+                tables.append(table)
+            tokens += entry.tokens
+            if entry.samples:
+                heads.append(len(tokens) - 1)
+        x = model.embed(torch.tensor(tokens))
         cos, sin = rope_cos_sin(self.inv_freq, torch.tensor(positions), torch.float32)  # the step's activations'
-        out = self.native.run(x, cos, sin, torch.tensor(slots), tables, torch.tensor(positions) + 1)
+        out = self.native.run(x, cos, sin, torch.tensor(slots), torch.tensor(tables), torch.tensor(positions) + 1,
+                              torch.tensor(heads, dtype=torch.long))
         if self.native.vocab is not None:  # the head's product done: the multiplier and soft cap remain
             return model.logits(out, head=lambda logits: logits)
         with decode_step():
-            return model.logits(model.norm(out.to(self.dtype)), self.head).float()
+            return model.logits(model.norm(out[heads].to(self.dtype)), self.head).float()

@@ -1,6 +1,6 @@
 /* A decode step through every block of a dense model, in one call: the C form of `Block.forward` over a
-   step's M sequences of one new token each (model.py is the reference; engine/native_decode.py lays out
-   the weights and calls it). Built and loaded by kernels/native.py.
+   step's M tokens, each sequence's one new token and any short prompt chunks beside them (model.py is the
+   reference; engine/native_decode.py lays out the weights and calls it). Built and loaded by kernels/native.py.
 
    Called per op from Python, a block is some forty calls, each costing more than the arithmetic of a
    decode step's few rows; compiled, it costs a long compile and still calls out for each product.
@@ -155,11 +155,14 @@ static void block(const Model* m, const Layer* L, const Scratch* s, float* x, in
 }
 
 /* x [M, d_model] (in place: the step's embedded tokens in, the last block's output out); cos, sin
-   [M, head_dim]; slots [M] where each new key and value goes; tables [M, width]; lengths [M], each
-   sequence's context including its new token; logits [M, vocab]: the final norm and LM head's products,
-   if the model has them */
+   [M, head_dim]; slots [M] where each new key and value goes; tables [M, width]; lengths [M], each row's
+   context including its own token. A row is a token: a decode's, or one of a prompt chunk's, whose rows
+   share their sequence's table, each attending up to its own position (every row's key and value is in
+   the pool before any row attends). logits [R, vocab]: the final norm and LM head's products for the R
+   rows `heads` names (the ones that sample), if the model has them */
 void decode_step(const Model* m, float* x, int64_t M, const float* cos, const float* sin, const int64_t* slots,
-                 const int64_t* tables, int64_t width, const int64_t* lengths, float* logits) {
+                 const int64_t* tables, int64_t width, const int64_t* lengths, const int64_t* heads, int64_t R,
+                 float* logits) {
     int64_t qd = m->n_heads * m->head_dim, kvd = m->n_kv_heads * m->head_dim;
     int64_t widest = m->d_model > m->ffn_dim ? m->d_model : m->ffn_dim;
     widest = widest > qd ? widest : qd;
@@ -178,10 +181,11 @@ void decode_step(const Model* m, float* x, int64_t M, const float* cos, const fl
     for (int64_t l = 0; l < m->n_layers; l++)
         block(m, &m->layers[l], &s, x, M, cos, sin, slots, tables, width, lengths);
     if (m->final_norm) {
-        rms_norm(x, m->final_norm, s.h, M, m->d_model, m->eps);
+        for (int64_t r = 0; r < R; r++)
+            rms_norm(x + heads[r] * m->d_model, m->final_norm, s.h + r * m->d_model, 1, m->d_model, m->eps);
         const Linear* head[1] = {&m->head};
         float* out[1] = {logits};
-        products(s.h, M, head, out, 1, s.xq, s.xs, s.xsum);
+        products(s.h, R, head, out, 1, s.xq, s.xs, s.xsum);
     }
     free(s.h), free(s.q), free(s.k), free(s.v), free(s.att), free(s.g), free(s.u), free(s.xs), free(s.xsum),
         free(s.xq);

@@ -109,7 +109,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.linear_rows.argtypes = [ctypes.POINTER(Linear), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     lib.linear_rows.restype = None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    lib.decode_step.argtypes = [pointer, pointer, size, pointer, pointer, pointer, pointer, size, pointer, pointer]
+    lib.decode_step.argtypes = [pointer, pointer, size, pointer, pointer, pointer, pointer, size, pointer, pointer,
+                                 size, pointer]
     lib.decode_step.restype = None
     lib.paged_decode.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float] * 2
                                  + [ctypes.c_int64] * 3)
