@@ -1,8 +1,8 @@
 """Decode steps on the CPU in one C call (kernels/decode_step.c): every block of a dense model (float32 or
 bfloat16; the step's activations are float32 either way) over the step's tokens (decodes, and short prompt
-chunks beside them, a row per token), the products in the C
-kernels of whatever format the weights are in (kernels/linear_rows.c), attention through the block tables,
-the new keys and values written into the pool. No compile: it serves from the first step, for any number of sequences.
+chunks beside them, a row per token), the products in the C kernels of whatever format the weights are in
+(kernels/linear_rows.c), attention through the block tables, the new keys and values written into the pool.
+No compile: it serves from the first step, for any number of sequences.
 
 `NativeDecode.supports` says which models it runs (dense, float32 or bfloat16, weights the kernels read);
 the others keep the compiled or eager paths. The C structs point into the model's own tensors, which this

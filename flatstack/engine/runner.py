@@ -268,12 +268,12 @@ class ModelRunner:
         self.start_compiling()
         tokens = [t for entry in step for t in entry.tokens]
         decoding = len(tokens) == len(step)
-        # every entry samples: a one-token prompt chunk that does not (a budget of one token left) runs eagerly
+        # every entry samples (a one-token prompt chunk may not: a budget of one token left)
         whole = all(entry.samples for entry in step)
         # the C step takes every step of decodes alone, and decodes beside prompt chunks up to NATIVE_ROWS
         # tokens in all; past that (and for prompts alone) torch's GEMM is faster than the C tiles
-        if self.native is not None and (decoding and whole or len(tokens) <= NATIVE_ROWS
-                                        and any(entry.start > 0 and len(entry.tokens) == 1 for entry in step)):
+        mixed = len(tokens) <= NATIVE_ROWS and any(entry.start > 0 and len(entry.tokens) == 1 for entry in step)
+        if self.native is not None and (decoding and whole or mixed):
             return self.native_step(step)
         batch = PagedBatch(model, self.pool, step, self.device, self.packed)
         if decoding and whole and self.graphed is not None and len(step) <= self.graphed.max_seqs:
