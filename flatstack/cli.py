@@ -257,11 +257,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The `flatstack` program: main, then exit. If the decode graphs are still compiling on their own
-    thread, the process ends without tearing the interpreter down around that thread (which can abort
-    in C++ mid-compile): output is flushed first, and nothing else is left to do."""
+    """The `flatstack` program: main, then exit. Two kinds of process end without tearing the interpreter
+    down, once output is flushed and nothing else is left to do: one whose decode graphs are still
+    compiling on their own thread (the teardown can abort in C++ mid-compile), and a torchrun rank, whose
+    distributed objects (gloo's transport, the meshes' groups) can abort in their C++ destructors at exit
+    ("terminate called without an active exception") after the job has finished and written everything."""
     code = main()
-    if any(t.name == "flatstack-compile" and t.is_alive() for t in threading.enumerate()):
+    compiling = any(t.name == "flatstack-compile" and t.is_alive() for t in threading.enumerate())
+    if compiling or "TORCHELASTIC_RUN_ID" in os.environ:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -33,6 +33,12 @@ def train(data: Path, out: Path, nproc: int, *args: str) -> subprocess.Completed
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
+def said(done: subprocess.CompletedProcess) -> str:
+    """A failed run's stderr, its start (a rank's own error) and its end (torchrun's report) when long."""
+    err = done.stderr
+    return err if len(err) <= 6000 else f"{err[:3000]}\n[...]\n{err[-3000:]}"
+
+
 def losses(out: Path) -> list[float]:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if "loss" in r]
@@ -52,7 +58,7 @@ def one_process(data_dir, tmp_path_factory):
     for model in MODELS:
         out = tmp_path_factory.mktemp(model)
         done = train(data_dir, out, 1, "--max-steps", "4", "--ckpt-every", "0", *MODELS[model])
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.returncode == 0, said(done)
         runs[model] = losses(out)
     return runs
 
@@ -61,7 +67,7 @@ def one_process(data_dir, tmp_path_factory):
 def test_two_ranks_give_one_process_losses(data_dir, tmp_path, one_process, layout):
     model, extra = LAYOUTS[layout]
     done = train(data_dir, tmp_path, 2, "--max-steps", "4", "--ckpt-every", "0", *MODELS[model], *extra)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, said(done)
     assert len(one_process[model]) == 4
     assert losses(tmp_path) == pytest.approx(one_process[model], rel=1e-5)
     assert (tmp_path / "metrics.jsonl").read_text().count('"loss"') == 4  # rank 0 alone writes
@@ -71,25 +77,25 @@ def test_an_expert_parallel_checkpoint_resumes_on_one_rank(data_dir, tmp_path, o
     """Written in the background (DCP's async save) at steps 1 and 2; each is in place once complete."""
     args = ["--ckpt-every", "1", *MODELS["moe"]]
     first = train(data_dir, tmp_path, 2, "--max-steps", "2", "--ep", "2", "--async-checkpoint", "true", *args)
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0, said(first)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000001", "step_0000002"]
     done = train(data_dir, tmp_path, 1, "--max-steps", "4", "--resume", *args)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, said(done)
     assert losses(tmp_path) == pytest.approx(one_process["moe"], rel=1e-5)
 
 
 def test_a_sharded_checkpoint_resumes_on_one_or_two_ranks_and_exports(data_dir, tmp_path):
     args = ["--ckpt-every", "2", *MODELS["dense"]]
     whole = train(data_dir, tmp_path / "whole", 1, "--max-steps", "4", *args)
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert whole.returncode == 0, said(whole)
     first = train(data_dir, tmp_path / "a", 2, "--max-steps", "2", *args)
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0, said(first)
     step2 = tmp_path / "a" / "checkpoints" / "step_0000002"
     assert (step2 / ".metadata").exists() and len(list(step2.glob("*.distcp"))) == 2
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     for run, nproc in (("a", 1), ("b", 2)):
         done = train(data_dir, tmp_path / run, nproc, "--max-steps", "4", "--resume", *args)
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.returncode == 0, said(done)
         assert losses(tmp_path / run) == pytest.approx(losses(tmp_path / "whole"), rel=1e-5), run
     # the sharded checkpoint, exported, is the one process's native checkpoint of the same step
     native = tmp_path / "native"
@@ -135,7 +141,7 @@ def memory_report(nproc: int) -> dict:
                                  if nproc > 1 else [])
     done = subprocess.run([*launch, script], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, said(done)
     return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
 
 
