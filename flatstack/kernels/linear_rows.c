@@ -5,9 +5,8 @@
    built around the weight stream:
    - a tile of R weight rows times up to MT activation rows: R * MT independent accumulators share each
      weight load (unpacked once, used MT times) and each activation load (used R times);
-   - float weights in steps of few rows a row at a time instead: bound by the weight stream, they read
-     one sequential stream per thread;
-   - a software prefetch of the next tile's rows: short rows end before the hardware prefetcher ramps up.
+   - a software prefetch of the rows a few tiles on: short rows end before the hardware prefetcher ramps
+     up. Float tiles spread it over all their passes over the activation rows, a few lines a step.
    Quantised weights (int8 and int4, both in blocks of 32 along K with float16 scales: GGUF's Q8_0 and
    Q4_1 layouts) meet activations quantised per row to int8 in blocks of 32 (as llama.cpp does): each
    block is one 32-byte integer dot product (VNNI's vpdpbusd), scaled once. */
@@ -24,6 +23,7 @@
 #define MT 4      /* activation rows per tile */
 #define QB 32     /* quantisation block */
 #define AHEAD 8192 /* prefetch distance in bytes of weight */
+#define FLOAT_AHEAD 32768 /* the float tiles' (spread over a tile's passes, so farther) */
 
 static inline float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
@@ -69,17 +69,18 @@ static inline __m512 load_bf16(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-/* float32 and bfloat16 weights: sixteen lanes per accumulator */
+/* float32 and bfloat16 weights: sixteen lanes per accumulator; each step prefetches `lps` lines (a constant
+   per instance, so the loop stays one straight run) from pf on, into L2 */
 static inline __attribute__((always_inline)) void float_tile(const float* x, const void* w, int bf16, float* y,
                                                              int64_t K, int64_t N, int mt, int r,
-                                                             const char* ahead) {
+                                                             const char* pf, int lps) {
     __m512 acc[MT][R];
     for (int i = 0; i < mt; i++)
         for (int j = 0; j < r; j++) acc[i][j] = _mm512_setzero_ps();
     int64_t Kv = K - K % 16;
     for (int64_t k = 0; k < Kv; k += 16) {
-        if (ahead) /* R rows of 16 weights each step: 2 or 4 cache lines */
-            for (int line = 0; line < (bf16 ? 2 : 4) * R * 16; line += 64) __builtin_prefetch(ahead + (bf16 ? 2 : 4) * R * k + line);
+        for (int l = 0; l < lps; l++) __builtin_prefetch(pf + 64 * l, 0, 2);
+        pf += 64 * lps;
         __m512 wv[R];
         for (int j = 0; j < r; j++)
             wv[j] = bf16 ? load_bf16((const uint16_t*)w + j * K + k) : _mm512_loadu_ps((const float*)w + j * K + k);
@@ -99,32 +100,6 @@ static inline __attribute__((always_inline)) void float_tile(const float* x, con
                 s += x[i * K + k] * (bf16 ? bf16_to_float(((const uint16_t*)w)[j * K + k]) : ((const float*)w)[j * K + k]);
             y[i * N + j] = s;
         }
-}
-
-/* float32 and bfloat16 weights a row at a time, for steps of few rows: a thread's rows are then one
-   sequential stream, which the hardware prefetcher follows at close to the read bandwidth, where a tile's
-   R rows are R short streams at once */
-static inline __attribute__((always_inline)) void float_row(const float* x, const void* w, int bf16, float* y,
-                                                            int64_t K, int64_t N, int mt, const char* ahead) {
-    __m512 acc[MT][2];
-    for (int i = 0; i < mt; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        if (ahead)
-            for (int line = 0; line < (bf16 ? 64 : 128); line += 64) __builtin_prefetch(ahead + (bf16 ? 2 : 4) * k + line);
-        __m512 w0 = bf16 ? load_bf16((const uint16_t*)w + k) : _mm512_loadu_ps((const float*)w + k);
-        __m512 w1 = bf16 ? load_bf16((const uint16_t*)w + k + 16) : _mm512_loadu_ps((const float*)w + k + 16);
-        for (int i = 0; i < mt; i++) {
-            acc[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i * K + k), w0, acc[i][0]);
-            acc[i][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i * K + k + 16), w1, acc[i][1]);
-        }
-    }
-    for (int i = 0; i < mt; i++) {
-        float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
-        for (int64_t j = k; j < K; j++)
-            s += x[i * K + j] * (bf16 ? bf16_to_float(((const uint16_t*)w)[j]) : ((const float*)w)[j]);
-        y[i * N] = s;
-    }
 }
 
 /* activations quantised per row in blocks of 32: x ~ xs[b] * xq, and xsum[b] = xs[b] * the sum of the
@@ -313,8 +288,8 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs, 
 }
 
 static inline void float_tile(const float* x, const void* w, int bf16, float* y, int64_t K, int64_t N, int mt,
-                              int r, const char* ahead) {
-    (void)ahead;
+                              int r, const char* pf, int lps) {
+    (void)pf, (void)lps;
     for (int i = 0; i < mt; i++)
         for (int j = 0; j < r; j++) {
             float s = 0.0f;
@@ -322,11 +297,6 @@ static inline void float_tile(const float* x, const void* w, int bf16, float* y,
                 s += x[i * K + k] * (bf16 ? bf16_to_float(((const uint16_t*)w)[j * K + k]) : ((const float*)w)[j * K + k]);
             y[i * N + j] = s;
         }
-}
-
-static inline void float_row(const float* x, const void* w, int bf16, float* y, int64_t K, int64_t N, int mt,
-                             const char* ahead) {
-    float_tile(x, w, bf16, y, K, N, mt, 1, ahead);
 }
 
 static inline void quant_tile(const Linear* L, int64_t n0, const int8_t* xq, const float* xs, const float* xsum,
@@ -363,13 +333,29 @@ int linear_rows_vectorised(void) { return VECTOR; }
 /* one tile, its sizes as constants so that the accumulators stay in registers */
 #define TILE(mt_, r_)                                                                                          \
     (quantised ? quant_tile(L, n0, xq + m0 * K, xs + m0 * G, xsum + m0 * G, y + m0 * N + n0, mt_, r_, ahead)      \
-               : float_tile(x + m0 * K, (const char*)L->w + n0 * K * esize, bf16, y + m0 * N + n0, K, N, mt_, r_, ahead))
+               : float_tile(x + m0 * K, (const char*)L->w + n0 * K * esize, bf16, y + m0 * N + n0, K, N, mt_, r_, pf, lps))
+/* a full float tile: the format and the prefetch's lines per step constants too */
+#define FULL_FLOAT(bf16_, lps_) \
+    float_tile(x + m0 * K, (const char*)L->w + n0 * K * esize, bf16_, y + m0 * N + n0, K, N, MT, R, pf, lps_)
 
 static void tile(const Linear* L, int quantised, int bf16, int64_t esize, const float* x, const int8_t* xq,
                  const float* xs, const float* xsum, float* y, int64_t m0, int64_t n0, int mt, int r,
-                 const char* ahead) {
+                 const char* ahead, const char* pf, int lps) {
     int64_t K = L->k, N = L->n, G = K / QB;
-    if (r == R) {
+    if (!quantised && mt == MT && r == R) {
+        switch (bf16 * 5 + lps) {
+        case 0: FULL_FLOAT(0, 0); break;
+        case 1: FULL_FLOAT(0, 1); break;
+        case 2: FULL_FLOAT(0, 2); break;
+        case 3: FULL_FLOAT(0, 3); break;
+        case 4: FULL_FLOAT(0, 4); break;
+        case 5: FULL_FLOAT(1, 0); break;
+        case 6: FULL_FLOAT(1, 1); break;
+        case 7: FULL_FLOAT(1, 2); break;
+        case 8: FULL_FLOAT(1, 3); break;
+        default: FULL_FLOAT(1, 4); break;
+        }
+    } else if (r == R) {
         switch (mt) {
         case 4: TILE(4, R); break;
         case 3: TILE(3, R); break;
@@ -395,16 +381,8 @@ static int64_t row_bytes(const Linear* L) {
     }
 }
 
-/* Steps of fewer than ROWS_ALONE rows read float weights a row at a time (float_row): they are bound by
-   the weight stream. From 8 rows on the arithmetic binds, and a tile's register reuse wins (design.md). */
-#define ROWS_ALONE 8
-
-static int by_row(const Linear* L, int64_t M) {
-    return M < ROWS_ALONE && (L->format == FORMAT_F32 || L->format == FORMAT_BF16);
-}
-
-static int64_t tiles_of(const Linear* L, int64_t M) {
-    return by_row(L, M) ? L->n : L->n / R + L->n % R;
+static int64_t tiles_of(const Linear* L) {
+    return L->n / R + L->n % R;
 }
 
 /* one tile of R weight rows (or a single row) of one product, for every activation row */
@@ -412,30 +390,26 @@ static void product_tile(const Linear* L, int64_t t, const float* x, const int8_
                          const float* xsum, float* y, int64_t M) {
     int64_t N = L->n, K = L->k, rb = row_bytes(L);
     int quantised = L->format == FORMAT_INT8 || L->format == FORMAT_INT4, bf16 = L->format == FORMAT_BF16;
-    if (by_row(L, M)) {
-        const char* w = (const char*)L->w + t * rb;
-        const char* ahead = (t * rb + AHEAD < N * rb) ? w + AHEAD : NULL;
-        for (int64_t m0 = 0; m0 < M; m0 += MT) {
-            int mt = M - m0 < MT ? (int)(M - m0) : MT;
-            switch (mt) {
-            case 3: float_row(x + m0 * K, w, bf16, y + m0 * N + t, K, N, 3, ahead); break;
-            case 2: float_row(x + m0 * K, w, bf16, y + m0 * N + t, K, N, 2, ahead); break;
-            case 1: float_row(x + m0 * K, w, bf16, y + m0 * N + t, K, N, 1, ahead); break;
-            default: float_row(x + m0 * K, w, bf16, y + m0 * N + t, K, N, MT, ahead); break;
-            }
-            ahead = NULL;
-        }
-        return;
-    }
     int64_t full = N / R;
     int64_t n0 = t < full ? t * R : full * R + (t - full);
     int r = t < full ? R : 1;
     /* the weight AHEAD bytes on is fetched while the first activation rows run: a matrix of a decode step
        is a few KB a thread, too short for the hardware prefetcher to ramp up */
     const char* next = t < full && (n0 + R) * rb + AHEAD <= N * rb ? (const char*)L->w + n0 * rb + AHEAD : NULL;
+    /* float tiles spread the prefetch of the weight FLOAT_AHEAD bytes on over all their passes, one to
+       four lines a step, into L2: fetched in one burst during the first pass, the memory idled through
+       the rest (the later passes read the tile from L1). Prefetches never fault: the last tiles need no
+       bound. */
+    int64_t steps = K < 16 ? 1 : K / 16, lines = R * rb / 64, passes = (M + MT - 1) / MT;
+    int lps = quantised ? 0 : (int)((lines + passes * steps - 1) / (passes * steps));
+    lps = lps > 4 ? 4 : lps;
+    const char* pf = (const char*)L->w + n0 * rb + FLOAT_AHEAD;
     for (int64_t m0 = 0; m0 < M; m0 += MT) {
         int mt = M - m0 < MT ? (int)(M - m0) : MT;
-        tile(L, quantised, bf16, bf16 ? 2 : 4, x, xq, xs, xsum, y, m0, n0, mt, r, m0 == 0 ? next : NULL);
+        int covered = (m0 / MT) * steps * lps >= lines;
+        tile(L, quantised, bf16, bf16 ? 2 : 4, x, xq, xs, xsum, y, m0, n0, mt, r, m0 == 0 ? next : NULL, pf,
+             covered ? 0 : lps);
+        pf += steps * 64 * lps;
     }
 }
 
@@ -445,7 +419,7 @@ static void product_tile(const Linear* L, int64_t t, const float* x, const int8_
 void linear_products(const Linear* const* Ls, float* const* ys, int count, const float* x, const int8_t* xq,
                      const float* xs, const float* xsum, int64_t M) {
     int64_t tiles[8], total = 0;
-    for (int i = 0; i < count; i++) total += tiles[i] = tiles_of(Ls[i], M);
+    for (int i = 0; i < count; i++) total += tiles[i] = tiles_of(Ls[i]);
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < total; t++) {
         int i = 0;
