@@ -69,8 +69,8 @@ static inline __m512 load_bf16(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-/* float32 and bfloat16 weights: sixteen lanes per accumulator; each step prefetches `lps` lines (a constant
-   per instance, so the loop stays one straight run) from pf on, into L2 */
+/* float32 and bfloat16 weights: sixteen lanes per accumulator; each step prefetches `lps` lines from pf on,
+   into L2 (a constant in the full tile's instances, so that loop stays one straight run) */
 static inline __attribute__((always_inline)) void float_tile(const float* x, const void* w, int bf16, float* y,
                                                              int64_t K, int64_t N, int mt, int r,
                                                              const char* pf, int lps) {
