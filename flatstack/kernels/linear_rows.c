@@ -393,9 +393,10 @@ static void product_tile(const Linear* L, int64_t t, const float* x, const int8_
     int64_t full = N / R;
     int64_t n0 = t < full ? t * R : full * R + (t - full);
     int r = t < full ? R : 1;
-    /* the weight AHEAD bytes on is fetched while the first activation rows run: a matrix of a decode step
-       is a few KB a thread, too short for the hardware prefetcher to ramp up */
-    const char* next = t < full && (n0 + R) * rb + AHEAD <= N * rb ? (const char*)L->w + n0 * rb + AHEAD : NULL;
+    /* quantised tiles: the weight AHEAD bytes on is fetched while the first activation rows run (a matrix
+       of a decode step is a few KB a thread, too short for the hardware prefetcher to ramp up) */
+    const char* next = quantised && t < full && (n0 + R) * rb + AHEAD <= N * rb ? (const char*)L->w + n0 * rb + AHEAD
+                                                                                 : NULL;
     /* float tiles spread the prefetch of the weight FLOAT_AHEAD bytes on over all their passes, one to
        four lines a step, into L2: fetched in one burst during the first pass, the memory idled through
        the rest (the later passes read the tile from L1). Prefetches never fault: the last tiles need no
